@@ -1,0 +1,322 @@
+"""MCPGymEnv: a gymnasium environment whose actions are assistant turns that call MCP tools."""
+
+from __future__ import annotations
+
+import copy
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+from anyio.from_thread import BlockingPortal
+from gymnasium import spaces
+
+from env.client import Bridge, MCPConnection, resolve_server, truncate_middle
+from env.parsing import ParsedCall, parse_turn
+from env.rewards import RewardConfig, worst_status
+from env.schema import argument_error, make_validator, openai_tool
+from env.tasks import TaskSource, load_tasks
+from env.verify import answer_matches, call_matches, has_call_conditions, probe_matches
+
+MAX_TEXT_LENGTH = 1 << 20  # characters; a turn or an observation longer than this is not a real one
+_SAMPLE_CHARSET = string.printable + "äéßøΩπ中文字🙂…"
+_INVALID = ("invalid_json", "structural_fail")
+
+
+class AnyText(spaces.Text):
+    """A Text space that contains any string up to ``max_length``, whatever its characters.
+
+    ``spaces.Text`` checks every character against its charset (alphanumeric by default), and a model
+    writes JSON, markup and any Unicode. Sampling draws from a printable charset with some non-ASCII.
+    """
+
+    def __init__(self, max_length: int = MAX_TEXT_LENGTH, *, min_length: int = 0) -> None:
+        super().__init__(max_length, min_length=min_length, charset=_SAMPLE_CHARSET)
+
+    def contains(self, x: Any) -> bool:
+        """Any ``str`` within the length bounds."""
+        return isinstance(x, str) and self.min_length <= len(x) <= self.max_length
+
+
+@dataclass
+class _Episode:
+    """State of the episode in progress."""
+
+    task: dict[str, Any]
+    max_turns: int
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    turn: int = 0
+    invalid_streak: int = 0
+    call_condition_met: bool = False
+    done: bool = False
+
+
+class MCPGymEnv(gym.Env[str, str]):
+    """Teach a language model to call tools on an MCP server.
+
+    ## Description
+    Each episode is a task (a prompt plus success conditions). The agent writes assistant turns in the
+    Qwen3/Hermes format (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, several per turn
+    allowed, ``<think>`` ignored); the env runs the calls on the server, one after another in the
+    order written, and returns their results so the model can go on or correct itself.
+
+    ## Action Space
+    ``AnyText``: the raw text of one assistant turn. Any string is accepted; ``step`` never raises on it.
+
+    ## Observation Space
+    ``AnyText``: after ``reset`` the task prompt; after ``step`` the tool messages of that turn joined
+    by newlines (empty when the episode ended without tool output). ``info["messages"]`` holds the
+    whole chat as OpenAI-style dicts and ``info["tools"]`` the server's tools as function schemas.
+
+    ## Rewards
+    One reward per turn from :class:`env.RewardConfig` by ``info["status"]``: ``success`` (the task
+    is complete after the turn), ``tool_execution``, ``tool_error`` (schema violation, error result,
+    timeout, lost server), ``invalid_json``, ``structural_fail`` (unknown tool, calls beyond
+    ``max_calls_per_turn``, or a final answer that does not complete the task). With several calls
+    the most severe status wins, unless the task is complete.
+
+    ## Starting State
+    A task drawn with ``np_random`` (or ``options={"task_id": ...}``) and, by default for in-process and
+    HTTP servers, a fresh session so that server state does not leak between episodes.
+
+    ## Episode End
+    Terminated: on ``success``; on a final answer (a turn with no tool call); after
+    ``max_invalid_turns`` consecutive ``invalid_json``/``structural_fail`` turns. The last is a
+    termination, not a truncation, because it is a rule of this MDP the agent's own turns trigger:
+    the env will never continue from that state, so bootstrapping a value from it would credit the
+    agent with reward it cannot get. Truncated: the turn limit (the task's ``max_turns``, else the
+    env's) is reached without termination.
+
+    ## Arguments
+    - ``server``: None (the bundled ``mcp_mock``, in-process), an ``MCPServer`` object (in-process), a
+      command line string or list (stdio), or an ``http(s)://.../mcp`` URL (streamable HTTP).
+    - ``tasks``: a JSONL path, a list of task dicts, or None (``mcp_mock``'s train split).
+    - ``max_turns``: turn limit for tasks without their own ``max_turns``.
+    - ``reward``: a :class:`RewardConfig` (the DESIGN.md defaults when None).
+    - ``call_timeout``: seconds a tool call may take before it is a ``tool_error``.
+    - ``max_output_chars``: a longer tool output is cut in the middle with a marker.
+    - ``max_calls_per_turn``: calls run per turn; more calls make the turn a ``structural_fail``.
+    - ``max_invalid_turns``: consecutive invalid turns that end the episode.
+    - ``fresh_session_per_episode``: a new MCP session at every reset. Default (None): True for
+      in-process and HTTP servers (a session costs milliseconds, and the mock keeps writes per session
+      so episodes are isolated), False for stdio (each session is a new process, about 1 s).
+    - ``portal``: an anyio ``BlockingPortal`` to share one event-loop thread (``EnvPool`` does this).
+    - ``start_timeout``: seconds a server has to start before :class:`env.ServerStartError`.
+    - ``lazy_connect``: connect on the first reset rather than in the constructor.
+
+    A server that dies is restarted on the next call; if the restart fails, ``step`` raises
+    :class:`env.ServerStartError` (the env cannot go on, and that is not the model's doing).
+    """
+
+    metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium's convention is a class attribute)
+
+    def __init__(
+        self,
+        server: Any = None,
+        tasks: TaskSource = None,
+        max_turns: int = 4,
+        *,
+        reward: RewardConfig | None = None,
+        call_timeout: float = 10.0,
+        max_output_chars: int = 2000,
+        max_calls_per_turn: int = 4,
+        max_invalid_turns: int = 2,
+        fresh_session_per_episode: bool | None = None,
+        portal: BlockingPortal | None = None,
+        start_timeout: float = 30.0,
+        lazy_connect: bool = False,
+    ) -> None:
+        if max_turns < 1 or max_calls_per_turn < 1 or max_invalid_turns < 1 or max_output_chars < 1:
+            raise ValueError(
+                "max_turns, max_calls_per_turn, max_invalid_turns and max_output_chars must be >= 1"
+            )
+        self.tasks = load_tasks(tasks)
+        self._tasks_by_id = {task["id"]: task for task in self.tasks}
+        self.server = resolve_server(server)
+        self.max_turns = max_turns
+        self.reward_config = reward or RewardConfig()
+        self.call_timeout = call_timeout
+        self.max_output_chars = max_output_chars
+        self.max_calls_per_turn = max_calls_per_turn
+        self.max_invalid_turns = max_invalid_turns
+        fresh = fresh_session_per_episode
+        self.fresh_session_per_episode = self.server.kind != "stdio" if fresh is None else bool(fresh)
+        self.observation_space = AnyText()
+        self.action_space = AnyText()
+        self._tools: list[dict[str, Any]] | None = None
+        self._validators: dict[str, Any] = {}
+        self._episode: _Episode | None = None
+        self._bridge = Bridge(portal)
+        self._connection = MCPConnection(self.server, self._bridge.task_group, start_timeout=start_timeout)
+        if not lazy_connect:
+            try:
+                self._bridge.call(self._aconnect)
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:
+        """The server's tools as OpenAI function schemas (a copy)."""
+        if self._tools is None:
+            self._bridge.call(self._aconnect)
+        return copy.deepcopy(self._tools)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Start an episode on a task; returns the prompt and the info described in the class docstring."""
+        task = self._pick_task(seed, options)
+        self._bridge.call(self._astart_session)
+        return self._begin(task)
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Run one assistant turn; see the class docstring for statuses, rewards and episode end."""
+        self._check_can_step(action)
+        return self._bridge.call(self._astep, action)
+
+    def close(self) -> None:
+        """Close the MCP session (and a stdio server process) and the event-loop thread."""
+        if self._bridge.closed:
+            return
+        try:
+            self._bridge.call(self._connection.close)
+        finally:
+            self._bridge.close()
+
+    # The pieces below are split sync/async so EnvPool can run many envs' sessions and calls at once.
+
+    def _pick_task(self, seed: int | None, options: dict[str, Any] | None) -> dict[str, Any]:
+        """Seed the RNG (gymnasium's contract) and choose the task."""
+        super().reset(seed=seed)
+        task_id = (options or {}).get("task_id")
+        if task_id is None:
+            return self.tasks[int(self.np_random.integers(len(self.tasks)))]
+        if task_id not in self._tasks_by_id:
+            examples = ", ".join(repr(t["id"]) for t in self.tasks[:3])
+            raise ValueError(
+                f"unknown task id {task_id!r}; this env has {len(self.tasks)} tasks, e.g. {examples}"
+            )
+        return self._tasks_by_id[task_id]
+
+    def _begin(self, task: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Open the episode's chat with the task prompt."""
+        self._episode = _Episode(task, int(task.get("max_turns", self.max_turns)))
+        self._episode.messages.append({"role": "user", "content": task["prompt"]})
+        return task["prompt"], self._info()
+
+    def _check_can_step(self, action: Any) -> None:
+        """Refuse misuse (not model text) with a clear error."""
+        if self._episode is None:
+            raise RuntimeError("step() called before reset(); call reset() to start an episode")
+        if self._episode.done:
+            raise RuntimeError("step() called after the episode ended; call reset() to start a new one")
+        if not isinstance(action, str):
+            raise TypeError(f"step() takes the assistant turn as a str, got {type(action).__name__}")
+
+    async def _aconnect(self) -> None:
+        """Open a session if none is open, and list the tools once per env."""
+        if not self._connection.connected:
+            await self._connection.open()
+        if self._tools is None:
+            tools = await self._connection.list_tools()
+            self._tools = [openai_tool(t) for t in tools]
+            self._validators = {
+                t["function"]["name"]: make_validator(t["function"]["parameters"]) for t in self._tools
+            }
+
+    async def _astart_session(self) -> None:
+        """A fresh session per episode when configured, else reuse (and revive) the open one."""
+        if self.fresh_session_per_episode:
+            await self._connection.close()
+        await self._aconnect()
+
+    async def _astep(self, text: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Parse the turn, run its calls, verify the task, and build the 5-tuple."""
+        episode = self._episode
+        assert episode is not None
+        episode.turn += 1
+        episode.messages.append({"role": "assistant", "content": text})
+        parsed = parse_turn(text)
+        tool_messages: list[dict[str, Any]] = []
+        if parsed.calls:
+            statuses = await self._arun_calls(parsed.calls, tool_messages)
+            status = "success" if await self._acomplete(None) else worst_status(statuses)
+            terminated = status == "success"
+        else:
+            status = "success" if await self._acomplete(parsed.content) else "structural_fail"
+            terminated = True
+        episode.invalid_streak = episode.invalid_streak + 1 if status in _INVALID else 0
+        terminated = terminated or episode.invalid_streak >= self.max_invalid_turns
+        truncated = not terminated and episode.turn >= episode.max_turns
+        episode.done = terminated or truncated
+        episode.messages.extend(tool_messages)
+        info = self._info(
+            status=status, tool_messages=tool_messages, calls=[c.as_dict() for c in parsed.calls]
+        )
+        obs = "\n".join(m["content"] for m in tool_messages)
+        return obs, self.reward_config.reward(status), terminated, truncated, info
+
+    async def _arun_calls(self, calls: list[ParsedCall], tool_messages: list[dict[str, Any]]) -> list[str]:
+        """Run up to ``max_calls_per_turn`` calls in order; append their tool messages; return statuses."""
+        statuses = []
+        for call in calls[: self.max_calls_per_turn]:
+            status, content = await self._arun_call(call)
+            statuses.append(status)
+            content = truncate_middle(content, self.max_output_chars)
+            tool_messages.append({"role": "tool", "name": call.name, "content": content})
+        skipped = len(calls) - self.max_calls_per_turn
+        if skipped > 0:
+            statuses.append("structural_fail")
+            note = f"{skipped} tool call(s) not run: at most {self.max_calls_per_turn} calls are run per turn"
+            tool_messages.append({"role": "tool", "name": None, "content": note})
+        return statuses
+
+    async def _arun_call(self, call: ParsedCall) -> tuple[str, str]:
+        """One call's status and the text the model reads about it."""
+        if call.error is not None:
+            return "invalid_json", call.error
+        assert call.name is not None and self._tools is not None
+        if call.name not in self._validators:
+            names = ", ".join(t["function"]["name"] for t in self._tools)
+            return "structural_fail", f"unknown tool {call.name[:80]!r}; available tools: {names}"
+        problem = argument_error(self._validators[call.name], call.arguments)
+        if problem is not None:
+            return "tool_error", f"invalid arguments for tool {call.name!r}: {problem}"
+        result = await self._connection.call(call.name, call.arguments, self.call_timeout)
+        if result.is_error:
+            return "tool_error", result.text
+        episode = self._episode
+        assert episode is not None
+        if call_matches(episode.task["success"], call.name, result.text):
+            episode.call_condition_met = True
+        return "tool_execution", result.text
+
+    async def _acomplete(self, answer: str | None) -> bool:
+        """Whether the task is complete after this turn (``answer`` is the final answer, if it was one)."""
+        episode = self._episode
+        assert episode is not None
+        success = episode.task["success"]
+        if has_call_conditions(success) and not episode.call_condition_met:
+            return False
+        if "answer_contains" in success and (answer is None or not answer_matches(success, answer)):
+            return False
+        if "probe" in success:
+            probe = success["probe"]
+            result = await self._connection.call(probe["name"], probe.get("arguments", {}), self.call_timeout)
+            return not result.is_error and probe_matches(probe, result.text)
+        return True
+
+    def _info(self, **extra: Any) -> dict[str, Any]:
+        """A fresh info dict (gymnasium's checker forbids sharing objects between returns)."""
+        episode = self._episode
+        assert episode is not None
+        info = {
+            "messages": [dict(m) for m in episode.messages],
+            "tools": copy.deepcopy(self._tools or []),
+            "task": copy.deepcopy(episode.task),
+            "task_id": episode.task["id"],
+            "turn": episode.turn,
+        }
+        info.update(extra)
+        return info

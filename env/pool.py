@@ -1,0 +1,114 @@
+"""EnvPool: many MCPGymEnvs stepped together on one event-loop thread, so their tool calls overlap."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+from anyio.from_thread import start_blocking_portal
+
+from env.mcp_env import MCPGymEnv
+from env.tasks import TaskSource, load_tasks
+
+StepResult = tuple[str, float, bool, bool, dict[str, Any]]
+
+
+class EnvPool:
+    """``num_envs`` environments sharing one anyio blocking portal.
+
+    The rollout steps a batch of episodes per turn; run one after another, N envs would wait N tool
+    latencies. Here ``step`` runs every env's turn as a task on the shared loop, so the calls of
+    different envs are in flight together and a batch costs about its slowest env. Calls within one
+    env's turn still run in the order the model wrote them.
+    """
+
+    def __init__(
+        self, num_envs: int, server: Any = None, tasks: TaskSource = None, **env_kwargs: Any
+    ) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.tasks = load_tasks(tasks)
+        self._portal_cm = start_blocking_portal()
+        self._portal = self._portal_cm.__enter__()
+        self.envs: list[MCPGymEnv] = []
+        try:
+            for _ in range(num_envs):
+                env = MCPGymEnv(server, self.tasks, portal=self._portal, lazy_connect=True, **env_kwargs)
+                self.envs.append(env)
+            self._gather([env._aconnect for env in self.envs])
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    def reset(
+        self, task_ids: list[str] | None = None, seed: int | None = None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Reset every env (env i on ``task_ids[i]`` when given; env i seeded with ``seed + i``)."""
+        if task_ids is not None and len(task_ids) != len(self.envs):
+            raise ValueError(f"reset() got {len(task_ids)} task ids for {len(self.envs)} envs")
+        picked = []
+        for i, env in enumerate(self.envs):
+            options = None if task_ids is None else {"task_id": task_ids[i]}
+            picked.append(env._pick_task(None if seed is None else seed + i, options))
+        self._gather([env._astart_session for env in self.envs])
+        return [env._begin(task) for env, task in zip(self.envs, picked, strict=True)]
+
+    def step(self, texts: Sequence[str | None]) -> list[StepResult | None]:
+        """Step env i with ``texts[i]`` concurrently; a None text leaves env i idle and gives None."""
+        if len(texts) != len(self.envs):
+            raise ValueError(f"step() got {len(texts)} texts for {len(self.envs)} envs")
+        active = [(env, text) for env, text in zip(self.envs, texts, strict=True) if text is not None]
+        for env, text in active:
+            env._check_can_step(text)
+        results = iter(self._gather([_bind(env._astep, text) for env, text in active]))
+        return [None if text is None else next(results) for text in texts]
+
+    def close(self) -> None:
+        """Close every env's session, then the shared loop thread."""
+        if self._portal_cm is None:
+            return
+        try:
+            for env in self.envs:
+                env.close()
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+            self._portal_cm = None
+
+    def __enter__(self) -> EnvPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _gather(self, jobs: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+        """Run async jobs concurrently on the loop; results in order; the first error is raised."""
+
+        async def run_all() -> list[Any]:
+            results: list[Any] = [None] * len(jobs)
+            errors: list[BaseException] = []
+
+            async def run(i: int) -> None:
+                try:
+                    results[i] = await jobs[i]()
+                except Exception as exc:  # collected so one env's failure reads as itself, not a group
+                    errors.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(len(jobs)):
+                    tg.start_soon(run, i)
+            if errors:
+                raise errors[0]
+            return results
+
+        return self._portal.call(run_all)
+
+
+def _bind(fn: Callable[[str], Awaitable[Any]], text: str) -> Callable[[], Awaitable[Any]]:
+    async def job() -> Any:
+        return await fn(text)
+
+    return job

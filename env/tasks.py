@@ -1,0 +1,160 @@
+"""Task loading and validation: JSONL files or lists of dicts, with errors that name the line.
+
+A task is one JSON object a line (DESIGN.md, "Task")::
+
+    {"id": "math-017", "prompt": "What is 17*23+5? Use the calculator.",
+     "success": {"tool": "calculator", "result_contains": "396"}, "max_turns": 4,
+     "oracle": [{"name": "calculator", "arguments": {"expression": "17*23+5"}}]}
+
+Required keys: ``id``, ``prompt``, ``success``. Optional: ``category``, ``max_turns``, ``oracle``;
+other keys are kept and ignored. ``success`` conditions are listed in :data:`SUCCESS_KEYS`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TaskSource = str | Path | Sequence[dict[str, Any]] | None
+
+SUCCESS_KEYS = (
+    "tool",
+    "result_contains",
+    "result_equals",
+    "result_regex",
+    "result_number",
+    "tolerance",
+    "answer_contains",
+    "probe",
+)
+PROBE_KEYS = ("name", "arguments", "result_contains")
+
+
+class TaskError(ValueError):
+    """A task file or task dict that cannot be used, with the place it came from."""
+
+
+def load_tasks(source: TaskSource = None) -> list[dict[str, Any]]:
+    """Load and validate tasks from a JSONL path, a list of dicts, or None (the mock's train split)."""
+    if source is None:
+        import mcp_mock  # the bundled default; imported here so env works without it for other tasks
+
+        return load_tasks(list(mcp_mock.load_tasks("train")))
+    if isinstance(source, (str, Path)):
+        return _load_jsonl(Path(source))
+    tasks = [_validated(task, f"task {i}") for i, task in enumerate(source)]
+    _check_unique(tasks, [f"task {i}" for i in range(len(tasks))])
+    return tasks
+
+
+def _load_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read one task per non-blank line; errors say ``<file> line N: ...``."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise TaskError(f"cannot read task file {str(path)!r}: {exc.strerror or exc}") from None
+    tasks, places = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        place = f"{path.name} line {number}"
+        try:
+            task = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise TaskError(f"{place}: not valid JSON: {exc}") from None
+        tasks.append(_validated(task, place))
+        places.append(place)
+    if not tasks:
+        raise TaskError(f"task file {str(path)!r} holds no tasks")
+    _check_unique(tasks, places)
+    return tasks
+
+
+def _validated(task: Any, place: str) -> dict[str, Any]:
+    """Check one task's keys and types; return it unchanged."""
+    if not isinstance(task, dict):
+        raise TaskError(f"{place}: a task must be a JSON object, got {type(task).__name__}")
+    for key in ("id", "prompt"):
+        if not isinstance(task.get(key), str) or not task[key]:
+            raise TaskError(f"{place}: missing key {key!r} (a non-empty string)")
+    if not isinstance(task.get("success"), dict):
+        raise TaskError(f"{place}: missing key 'success' (an object of success conditions)")
+    _check_success(task["success"], place)
+    max_turns = task.get("max_turns")
+    if max_turns is not None and (
+        isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1
+    ):
+        raise TaskError(f"{place}: 'max_turns' must be a positive integer, got {max_turns!r}")
+    _check_oracle(task.get("oracle"), place)
+    return task
+
+
+def _check_success(success: dict[str, Any], place: str) -> None:
+    """Reject unknown or ill-typed success conditions, and a success with none."""
+    unknown = sorted(set(success) - set(SUCCESS_KEYS))
+    if unknown:
+        raise TaskError(f"{place}: unknown success key(s) {unknown}; known keys: {', '.join(SUCCESS_KEYS)}")
+    if not set(success) - {"tolerance"}:
+        raise TaskError(f"{place}: 'success' needs at least one condition")
+    for key in ("tool", "result_equals", "result_regex"):
+        if key in success and not isinstance(success[key], str):
+            raise TaskError(f"{place}: success {key!r} must be a string")
+    for key in ("result_contains", "answer_contains"):
+        if key in success and not _is_text_or_texts(success[key]):
+            raise TaskError(f"{place}: success {key!r} must be a string or a list of strings")
+    if "result_regex" in success:
+        try:
+            re.compile(success["result_regex"])
+        except re.error as exc:
+            raise TaskError(f"{place}: success 'result_regex' is not a valid regex: {exc}") from None
+    for key in ("result_number", "tolerance"):
+        if key in success and not _is_number(success[key]):
+            raise TaskError(f"{place}: success {key!r} must be a number")
+    if "tolerance" in success and ("result_number" not in success or success["tolerance"] < 0):
+        raise TaskError(f"{place}: success 'tolerance' must be >= 0 and goes with 'result_number'")
+    if "probe" in success:
+        _check_probe(success["probe"], place)
+
+
+def _check_probe(probe: Any, place: str) -> None:
+    """A probe is a call the verifier makes after the turn and the text its result must contain."""
+    if not isinstance(probe, dict) or set(probe) - set(PROBE_KEYS):
+        raise TaskError(f"{place}: success 'probe' must be an object with keys {', '.join(PROBE_KEYS)}")
+    if not isinstance(probe.get("name"), str) or not isinstance(probe.get("arguments", {}), dict):
+        raise TaskError(f"{place}: success 'probe' needs a string 'name' and an object 'arguments'")
+    if not _is_text_or_texts(probe.get("result_contains")):
+        raise TaskError(f"{place}: success 'probe' needs 'result_contains' (a string or list of strings)")
+
+
+def _check_oracle(oracle: Any, place: str) -> None:
+    """The oracle, when present, is a list of calls in the tool-call format."""
+    if oracle is None:
+        return
+    ok = isinstance(oracle, list) and all(
+        isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("arguments"), dict)
+        for c in oracle
+    )
+    if not ok:
+        raise TaskError(f"{place}: 'oracle' must be a list of {{'name': str, 'arguments': object}} calls")
+
+
+def _check_unique(tasks: list[dict[str, Any]], places: list[str]) -> None:
+    """Task ids pick tasks, so they must be unique."""
+    seen: dict[str, str] = {}
+    for task, place in zip(tasks, places, strict=True):
+        if task["id"] in seen:
+            raise TaskError(f"{place}: duplicate task id {task['id']!r} (first at {seen[task['id']]})")
+        seen[task["id"]] = place
+
+
+def _is_text_or_texts(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
