@@ -1,0 +1,109 @@
+"""Write the task suites: `python -m mcp_mock.make_tasks` regenerates tasks/train.jsonl and tasks/test.jsonl.
+
+Each split mixes about 35% easy single calls, 35% medium single calls, 15% multi-step and 15%
+recovery tasks. Entities (products, customers, documents, cities) are partitioned between the
+splits and numeric values are drawn again until a prompt is new, so no test prompt is in train.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+from . import templates
+from .search import load_corpus
+from .tasks import TASKS_DIR
+
+SEED = 1234
+SIZES = {"train": 440, "test": 110}
+MIX = {"easy": 0.35, "medium": 0.35, "multi": 0.15, "recovery": 0.15}
+NEW_FIRST = ["Zoe", "Yara", "Xan", "Wes", "Vik", "Uma", "Tess", "Rafe", "Quinn", "Pia"]
+NEW_LAST = ["Ortega", "Nakamura", "Mbeki", "Laine", "Kowal", "Jensen", "Ibarra", "Holm"]
+
+
+def _in_test(number: int) -> bool:
+    return number % 5 == 0
+
+
+def make_pools(seed_sql: str) -> dict[str, templates.Pool]:
+    """Split the seeded entities between train and test."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(seed_sql)
+    products = conn.execute("SELECT id, name, price, stock FROM products ORDER BY id").fetchall()
+    customers = conn.execute("SELECT id, full_name, city, email FROM customers ORDER BY id").fetchall()
+    city_counts = Counter(city for _, _, city, _ in customers)
+    order_counts = Counter(cid for (cid,) in conn.execute("SELECT customer_id FROM orders"))
+    cities = sorted(city_counts)
+    new_names = [f"{f} {s}" for f in NEW_FIRST for s in NEW_LAST]
+    docs = list(load_corpus().docs.values())
+    pools = {}
+    for split, want in (("train", False), ("test", True)):
+        pools[split] = templates.Pool(
+            products=[p for p in products if _in_test(p[0]) == want],
+            customers=[c for c in customers if _in_test(c[0]) == want],
+            docs=[d for d in docs if _in_test(int(d["id"].split("-")[1])) == want],
+            cities=[c for i, c in enumerate(cities) if _in_test(i + 2) == want],
+            city_counts=dict(city_counts),
+            order_counts={c[0]: order_counts[c[0]] for c in customers},
+            new_names=[n for i, n in enumerate(new_names) if _in_test(i) == want],
+        )
+    return pools
+
+
+def _category(template, tier: str) -> str:
+    return {"multi": "multi_step", "recovery": "recovery"}.get(tier) or templates.CATEGORY[template]
+
+
+def make_split(split: str, pool: templates.Pool, rng: random.Random, taken: set[str]) -> list[dict]:
+    """Tasks of one split; prompts already in `taken` are drawn again (and new ones are added to it)."""
+    tasks: list[dict] = []
+    per_category: Counter[str] = Counter()
+    quotas = {tier: round(SIZES[split] * share) for tier, share in MIX.items()}
+    quotas["recovery"] = SIZES[split] - sum(q for tier, q in quotas.items() if tier != "recovery")
+    for tier, quota in quotas.items():
+        options = templates.TIERS[tier]
+        made, attempt = 0, 0
+        while made < quota:
+            template = options[attempt % len(options)]
+            attempt += 1
+            prompt, success, oracle = template(rng, pool)
+            if prompt in taken:
+                if attempt > quota * 50:
+                    raise RuntimeError(f"cannot draw {quota} distinct {tier} prompts for {split}")
+                continue
+            taken.add(prompt)
+            category = _category(template, tier)
+            per_category[category] += 1
+            task_id = f"{split}-{category}-{per_category[category]:03d}"
+            max_turns = 4 if tier in ("multi", "recovery") else 3
+            tasks.append({"id": task_id, "category": category, "prompt": prompt, "success": success,
+                          "max_turns": max_turns, "oracle": oracle})  # fmt: skip
+            made += 1
+    return tasks
+
+
+def render(tasks: list[dict]) -> str:
+    """JSONL text, one task a line."""
+    return "".join(json.dumps(task) + "\n" for task in tasks)
+
+
+def generate() -> dict[str, str]:
+    """The file contents of both splits, from the fixed seed."""
+    seed_sql = (Path(__file__).parent / "data" / "seed.sql").read_text(encoding="utf-8")
+    pools, rng, taken = make_pools(seed_sql), random.Random(SEED), set()
+    return {split: render(make_split(split, pools[split], rng, taken)) for split in SIZES}
+
+
+def main() -> None:
+    """Regenerate tasks/train.jsonl and tasks/test.jsonl."""
+    TASKS_DIR.mkdir(exist_ok=True)
+    for split, text in generate().items():
+        (TASKS_DIR / f"{split}.jsonl").write_text(text, encoding="utf-8")
+        print(f"wrote {text.count(chr(10))} {split} tasks to {TASKS_DIR / (split + '.jsonl')}")
+
+
+if __name__ == "__main__":
+    main()
