@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shlex
+import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 
 CONNECTION_CLOSED = -32000  # the SDK's code for a transport that closed under a request
 REQUEST_TIMEOUT = -32001  # the SDK's code for read_timeout_seconds running out
@@ -129,14 +130,48 @@ async def _host(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         tg.cancel_scope.cancel()
 
 
+class LoopThread:
+    """An event loop on a daemon thread, reached through a blocking portal.
+
+    anyio's ``start_blocking_portal`` runs the loop on a pool thread that interpreter exit joins,
+    so an env the user forgot to close would hang the program at exit; a daemon thread does not.
+    """
+
+    def __init__(self) -> None:
+        ready: queue.Queue[BlockingPortal | BaseException] = queue.Queue(1)
+
+        async def serve() -> None:
+            async with BlockingPortal() as portal:
+                ready.put(portal)
+                await portal.sleep_until_stopped()
+
+        def run() -> None:
+            try:
+                anyio.run(serve)
+            except BaseException as exc:  # reported to the constructor instead of a silent dead thread
+                ready.put(exc)
+
+        self._thread = threading.Thread(target=run, name="mcp-env-loop", daemon=True)
+        self._thread.start()
+        got = ready.get(timeout=30)
+        if isinstance(got, BaseException):
+            raise RuntimeError(f"could not start the event-loop thread: {got}") from got
+        self.portal = got
+
+    def close(self) -> None:
+        """Stop the loop (cancelling what is left) and join the thread."""
+        self.portal.call(self.portal.stop, True)
+        self._thread.join(timeout=30)
+
+
 class Bridge:
-    """An event loop in a thread (a blocking portal, owned or given) and a task group on it."""
+    """An event loop in a thread (a portal, owned or given) and a task group on it."""
 
     def __init__(self, portal: BlockingPortal | None = None) -> None:
-        self._owned: AbstractContextManager[BlockingPortal] | None = None
+        self._owned: LoopThread | None = None
         if portal is None:
-            self._owned = start_blocking_portal()
-            portal = self._owned.__enter__()
+            self._owned = LoopThread()
+            portal = self._owned.portal
         self.portal = portal
         self._host, (self.task_group, self._stop) = portal.start_task(_host)
         self.closed = False
@@ -153,7 +188,7 @@ class Bridge:
         self.portal.call(self._stop.set)
         self._host.result(timeout=30)
         if self._owned is not None:
-            self._owned.__exit__(None, None, None)
+            self._owned.close()
 
 
 class MCPConnection:

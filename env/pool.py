@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
-from anyio.from_thread import start_blocking_portal
 
+from env.client import LoopThread
 from env.mcp_env import MCPGymEnv
 from env.tasks import TaskSource, load_tasks
 
@@ -29,8 +29,8 @@ class EnvPool:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.tasks = load_tasks(tasks)
-        self._portal_cm = start_blocking_portal()
-        self._portal = self._portal_cm.__enter__()
+        self._loop: LoopThread | None = LoopThread()
+        self._portal = self._loop.portal
         self.envs: list[MCPGymEnv] = []
         try:
             for _ in range(num_envs):
@@ -69,14 +69,14 @@ class EnvPool:
 
     def close(self) -> None:
         """Close every env's session, then the shared loop thread."""
-        if self._portal_cm is None:
+        if self._loop is None:
             return
         try:
             for env in self.envs:
                 env.close()
         finally:
-            self._portal_cm.__exit__(None, None, None)
-            self._portal_cm = None
+            self._loop.close()
+            self._loop = None
 
     def __enter__(self) -> EnvPool:
         return self

@@ -142,3 +142,12 @@ def test_a_server_that_never_answers_times_out():
     hang = [sys.executable, "-c", "import time; time.sleep(60)"]
     with pytest.raises(ServerStartError, match="no answer within 1 s"):
         MCPGymEnv(hang, TASKS, start_timeout=1)
+
+
+def test_a_forgotten_close_does_not_hang_interpreter_exit():
+    script = (
+        "import sys; from env import MCPGymEnv; "
+        f"e = MCPGymEnv([sys.executable, {SERVER_SCRIPT!r}], {TASKS!r}); e.reset(); print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
