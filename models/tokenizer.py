@@ -1,0 +1,99 @@
+"""Byte-level BPE tokenizer of the tiny preset, trained locally on the project's own text.
+
+The tokenizer mimics Qwen3's where it matters to the rest of the library: ByteLevel (any text encodes),
+digits split one per token, ChatML special tokens, pad (`<|endoftext|>`) distinct from eos (`<|im_end|>`),
+and a chat template that renders tools and tool calls the way Qwen3's does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from models.corpus import collect_corpus
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "tiny_chat.jinja"
+
+# Special tokens hide on decode(skip_special_tokens=True); the tool and think markers must survive it,
+# because the env parses the decoded text for them (Qwen3 registers them the same way).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MARKUP_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+PAD_TOKEN = "<|endoftext|>"
+EOS_TOKEN = "<|im_end|>"
+
+# Pre-tokenization regex of the Qwen2/Qwen3 tokenizer (tokenizer.json of Qwen/Qwen3-1.7B): `\p{N}` alone
+# makes every digit its own pre-token, so numbers are spelled digit by digit.
+QWEN_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+
+def chat_template() -> str:
+    """Return the Jinja chat template of the tiny preset."""
+    return TEMPLATE_PATH.read_text(encoding="utf-8")
+
+
+def render_chat(messages: list[dict[str, Any]], tools: list[dict] | None = None, **kwargs: Any) -> str:
+    """Render one conversation with the tiny chat template, without needing a trained tokenizer."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered = render_jinja_template([messages], tools=tools, chat_template=chat_template(), **kwargs)
+    # Newer transformers return (texts, generation_indices); keep only the text of our one chat.
+    texts = rendered[0] if isinstance(rendered, tuple) else rendered
+    return texts[0] if isinstance(texts, list) else texts
+
+
+def _raw_bpe(texts: Iterable[str], vocab_size: int):
+    """Train a `tokenizers.Tokenizer` (byte-level BPE, Qwen-style split) on `texts`."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    special = [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+    markup = [AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens(markup)
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 4096):
+    """Train the tiny preset's tokenizer and wrap it as a transformers fast tokenizer.
+
+    `texts` defaults to `collect_corpus(render_chat)`: the project's tasks, data files, tool schemas
+    and rendered chats (or a small built-in text when those are absent).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = list(texts) if texts is not None else collect_corpus(render_chat)
+    raw = _raw_bpe(corpus, vocab_size)
+    # Left padding: generation appends on the right, so every prompt must end at the same column.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        chat_template=chat_template(),
+        padding_side="left",
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def tool_call_text(name: str, arguments: dict) -> str:
+    """Return one Hermes-style tool call block as the model is expected to write it."""
+    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"<tool_call>\n{call}\n</tool_call>"
