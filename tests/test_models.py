@@ -1,0 +1,409 @@
+"""Tests of models/: tiny preset, tokenizer and template, NF4 + LoRA actor-critic, scoring contracts."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import models
+from models import tiny
+from models.scoring import position_ids_from_mask, scored_mask
+
+SMALL = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "intermediate_size": 256,
+}
+N_LINEAR = 7  # q, k, v, o, gate, up, down per decoder layer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: with other jobs on the cores, a second torch thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tiny.build_tiny(tmp_path_factory.mktemp("tiny"), seed=0, vocab_size=1024, **SMALL)
+
+
+def load(path, **kw):
+    torch.manual_seed(0)
+    return models.load_actor_critic(str(path), device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def ac(tiny_dir):
+    """A read-only actor-critic shared by the tests that do not train it."""
+    return load(tiny_dir).eval()
+
+
+def batch(tokenizer, texts):
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+TEXTS = ["What is 17*23+5? Use the calculator.", "hi", "The weather in Paris is 18 degrees."]
+
+
+def train_step(ac, params, ids, mask, loss_fn, steps=3, lr=0.05):
+    opt = torch.optim.Adam(params, lr=lr)
+    ac.train()
+    for _ in range(steps):
+        out = ac.forward_train(ids, mask)
+        opt.zero_grad()
+        loss_fn(out).backward()
+        opt.step()
+    ac.eval()
+
+
+def naive_logprobs(model, ids, mask, temperature=1.0):
+    """Full-vocabulary reference: logits of the whole sequence, then log_softmax, shifted by one."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logp = torch.log_softmax(logits.float() / temperature, -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    keep = (mask[:, 1:] * mask[:, :-1]).bool()
+    return torch.cat([torch.zeros_like(logp[:, :1]), torch.where(keep, logp, 0.0)], 1)
+
+
+# ----- tokenizer and chat template ------------------------------------------------------------------
+
+
+def test_chat_template_renders_qwen3_layout_exactly(ac):
+    tools = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+2"}}\n</tool_call>'
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Add 2+2 twice."},
+        {"role": "assistant", "content": call + "\n" + call},
+        {"role": "tool", "content": "4"},
+        {"role": "tool", "content": "4.0"},
+        {"role": "assistant", "content": "Both are 4."},
+        {"role": "user", "content": "Thanks!"},
+    ]
+    text = ac.tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=True, enable_thinking=False, tokenize=False
+    )
+    expected = (
+        "<|im_start|>system\nBe brief.\n\n# Tools\nYou can call these functions:\n<tools>\n"
+        + json.dumps(tools[0])
+        + "\n</tools>\nTo call one, reply with:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\nAdd 2+2 twice.<|im_end|>\n"
+        f"<|im_start|>assistant\n{call}\n{call}<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n4\n</tool_response>\n<tool_response>\n4.0\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\nBoth are 4.<|im_end|>\n"
+        "<|im_start|>user\nThanks!<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    assert text == expected
+
+
+def test_chat_template_without_tools_or_thinking_switch(ac):
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    text = ac.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tokenizer_round_trips_arbitrary_unicode(ac):
+    tok = ac.tokenizer
+    rng = random.Random(0)
+    alphabet = 'aZ09 \n\t{}":,éßøñ漢字かなЖж😀🚀\u0301\u200d€∑'
+    samples = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(50)]
+    samples.append("".join(chr(rng.randint(0x20, 0x2FFF)) for _ in range(200)))
+    for text in samples:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+
+
+def test_tokenizer_specials_and_digits(ac):
+    tok = ac.tokenizer
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+    assert tok.pad_token_id != tok.eos_token_id
+    for marker in ["<|im_start|>", "<tool_call>", "</tool_call>", "<tool_response>", "</think>"]:
+        assert len(tok(marker, add_special_tokens=False)["input_ids"]) == 1
+    assert tok.convert_ids_to_tokens(tok("12345", add_special_tokens=False)["input_ids"]) == list("12345")
+    ids = tok("<|im_start|>assistant\n<tool_call>\n{}\n</tool_call><|im_end|>")["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "assistant\n<tool_call>\n{}\n</tool_call>"
+
+
+# ----- structure: NF4, adapters, memory ---------------------------------------------------------------
+
+
+def test_base_linears_are_nf4_and_lora_skips_lm_head(ac):
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    lora_layers = [m for m in ac.model.modules() if isinstance(m, LoraLayer)]
+    assert len(lora_layers) == N_LINEAR * SMALL["num_hidden_layers"]
+    for layer in lora_layers:
+        assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
+        assert isinstance(layer.base_layer.weight, bnb.nn.Params4bit)
+        assert layer.base_layer.weight.quant_state.quant_type == "nf4"
+        assert set(layer.lora_A) == {"policy", "critic"}
+    assert not isinstance(ac.model.get_base_model().lm_head, LoraLayer)
+    assert ac.value_head.weight.dtype == torch.float32 and ac.value_head.out_features == 1
+
+
+def trainable_flags(ac):
+    return [p.requires_grad for p in ac.parameters()]
+
+
+def test_parameter_groups_are_disjoint_and_stay_trainable_across_roles(ac):
+    policy, critic = ac.policy_parameters(), ac.critic_parameters()
+    n_lora = 2 * N_LINEAR * SMALL["num_hidden_layers"]  # lora_A and lora_B per wrapped linear
+    assert len(policy) == n_lora and len(critic) == n_lora + 2  # + value head weight and bias
+    assert not {id(p) for p in policy} & {id(p) for p in critic}
+    trainable = {id(p) for p in ac.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in policy + critic}
+    before = trainable_flags(ac)
+    for role in (ac.critic, ac.policy, ac.reference, ac.critic):
+        with role():
+            assert trainable_flags(ac) == before
+        assert trainable_flags(ac) == before
+    assert ac.model.active_adapter == "policy"
+
+
+def storage_bytes(module):
+    """Bytes of distinct storages behind the parameters and buffers of `module`."""
+    seen = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def test_base_weights_are_stored_once(ac, tiny_dir):
+    from models.loading import _load_base
+
+    plain = storage_bytes(_load_base(str(tiny_dir), "nf4", "cpu", torch.float32))
+    extra = sum(p.numel() * p.element_size() for p in ac.policy_parameters() + ac.critic_parameters())
+    total = storage_bytes(ac)
+    # One base plus the two adapters and the head; a second base copy would add `plain` again.
+    assert total == pytest.approx(plain + extra, rel=0.01)
+    assert total < 1.15 * plain + extra
+
+
+# ----- scoring contracts ----------------------------------------------------------------------------
+
+
+def test_policy_equals_reference_equals_plain_base_at_init(ac, tiny_dir):
+    from models.loading import _load_base
+
+    ids, mask = batch(ac.tokenizer, TEXTS)
+    policy = ac.score(ids, mask)["logprobs"]
+    reference = ac.score(ids, mask, role="reference")["logprobs"]
+    assert torch.equal(policy, reference)  # LoRA B is zero at init
+    plain = _load_base(str(tiny_dir), "nf4", "cpu", torch.float32).eval()
+    assert_close(reference, naive_logprobs(plain, ids, mask), atol=1e-5, rtol=1e-5)
+    assert (reference[mask.bool()].sum() < 0) and torch.all(reference <= 0)
+
+
+def test_score_alignment_and_chunking_match_full_logits(ac):
+    ids, mask = batch(ac.tokenizer, TEXTS)
+    with ac.policy():
+        expected = naive_logprobs(ac.model, ids, mask, temperature=0.7)
+    full = ac.score(ids, mask, temperature=0.7, with_entropy=True, chunk_size=10_000)
+    chunked = ac.score(ids, mask, temperature=0.7, with_entropy=True, chunk_size=3)
+    assert_close(full["logprobs"], expected, atol=1e-5, rtol=1e-5)
+    assert_close(chunked["logprobs"], full["logprobs"], atol=1e-6, rtol=1e-6)
+    assert_close(chunked["entropy"], full["entropy"], atol=1e-6, rtol=1e-6)
+    assert torch.all(full["logprobs"][:, 0] == 0) and torch.all(full["entropy"][:, 0] == 0)
+    # A near-uniform random model: entropy close to log V wherever a token is scored.
+    scored = full["entropy"][full["logprobs"] != 0]
+    assert torch.all(scored > 0.9 * torch.log(torch.tensor(float(len(ac.tokenizer)))))
+
+
+def test_left_padding_gives_the_same_outputs_as_no_padding(ac):
+    long_text, short_text = TEXTS[0] * 3, TEXTS[2]
+    ids, mask = batch(ac.tokenizer, [long_text, short_text])
+    alone_ids, alone_mask = batch(ac.tokenizer, [short_text])
+    n = alone_ids.shape[1]
+    assert mask[1, 0] == 0 and torch.equal(ids[1, -n:], alone_ids[0])
+    padded = ac.score(ids, mask, with_entropy=True)
+    alone = ac.score(alone_ids, alone_mask, with_entropy=True)
+    for key in ("logprobs", "entropy"):
+        assert_close(padded[key][1, -n:], alone[key][0], atol=1e-5, rtol=1e-5)
+        assert torch.all(padded[key][1, :-n] == 0)
+    assert_close(ac.values(ids, mask)[1, -n:], ac.values(alone_ids, alone_mask)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_score_matches_logprobs_of_generated_tokens(ac):
+    ids, mask = batch(ac.tokenizer, TEXTS[:2])  # the second prompt is left-padded
+    assert ac.model.get_base_model().is_gradient_checkpointing
+    torch.manual_seed(1)
+    with ac.policy(), torch.no_grad():
+        gen = ac.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=0.7,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=8,
+            use_cache=True,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    seqs, P = gen.sequences, ids.shape[1]
+    new = seqs[:, P:]
+    gen_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in gen.scores], 1)  # (B, N, V)
+    gen_lp = gen_lp.gather(-1, new[..., None])[..., 0]
+    # A row that emitted eos is padded afterwards; only tokens up to and including eos were sampled.
+    stop = torch.isin(new, torch.tensor([ac.tokenizer.eos_token_id, ac.tokenizer.pad_token_id]))
+    sampled = (stop.cumsum(1) - stop.long()) == 0
+    full_mask = torch.cat([mask, sampled.long()], 1)
+    scored = ac.score(seqs, full_mask, temperature=0.7)["logprobs"][:, P:]
+    assert sampled.sum() >= 8
+    assert_close(scored[sampled], gen_lp[sampled], atol=1e-4, rtol=1e-4)
+
+
+# ----- training and persistence ---------------------------------------------------------------------
+
+
+def test_training_the_critic_leaves_the_policy_unchanged(tiny_dir):
+    ac = load(tiny_dir).eval()
+    ids, mask = batch(ac.tokenizer, TEXTS)
+    policy0, values0 = ac.score(ids, mask)["logprobs"], ac.values(ids, mask)
+    scored = scored_mask(mask)
+
+    def error(values):
+        return ((values - 3.0)[scored] ** 2).mean()
+
+    train_step(ac, ac.critic_parameters(), ids, mask, lambda out: error(out["values"]), steps=5, lr=0.01)
+    assert error(ac.values(ids, mask)) < 0.5 * error(values0)
+    assert any(p.abs().sum() > 0 for n, p in ac.model.named_parameters() if "lora_B.critic" in n)
+    assert torch.equal(ac.score(ids, mask)["logprobs"], policy0)
+    assert torch.equal(ac.score(ids, mask, role="reference")["logprobs"], policy0)
+
+
+def test_training_the_policy_moves_it_away_from_the_reference(tiny_dir):
+    ac = load(tiny_dir).eval()
+    ids, mask = batch(ac.tokenizer, TEXTS)
+    values0, ref0 = ac.values(ids, mask), ac.score(ids, mask, role="reference")["logprobs"]
+    train_step(ac, ac.policy_parameters(), ids, mask, lambda out: -out["logprobs"].sum())
+    assert ac.score(ids, mask)["logprobs"].sum() > ref0.sum()
+    assert torch.equal(ac.score(ids, mask, role="reference")["logprobs"], ref0)
+    assert torch.equal(ac.values(ids, mask), values0)
+
+
+def grads_of(ac, ids, mask):
+    ac.train()
+    ac.zero_grad()
+    out = ac.forward_train(ids, mask)
+    (out["logprobs"].sum() + out["values"].sum()).backward()
+    return [p.grad.clone() for p in ac.policy_parameters() + ac.critic_parameters()]
+
+
+def test_eval_mode_scoring_does_not_break_gradients_through_4bit_layers(tiny_dir):
+    ac = load(tiny_dir)
+    ids, mask = batch(ac.tokenizer, TEXTS)
+    before = grads_of(ac, ids, mask)
+    assert all(torch.isfinite(g).all() for g in before)
+    ac.eval()
+    ac.score(ids, mask)  # bitsandbytes would repack the weights for CPU inference here
+    after = grads_of(ac, ids, mask)
+    for g0, g1 in zip(before, after, strict=True):
+        assert_close(g1, g0, atol=1e-6, rtol=1e-5)
+
+
+def test_save_then_load_restores_policy_critic_and_value_head(tiny_dir, tmp_path):
+    from peft import PeftModel
+
+    from models.loading import _load_base
+
+    ac = load(tiny_dir).eval()
+    ids, mask = batch(ac.tokenizer, TEXTS)
+    train_step(
+        ac,
+        ac.policy_parameters() + ac.critic_parameters(),
+        ids,
+        mask,
+        lambda out: -out["logprobs"].sum() + (out["values"] ** 2).sum(),
+        steps=1,
+    )
+    policy, values = ac.score(ids, mask)["logprobs"], ac.values(ids, mask)
+    out = ac.save_pretrained(tmp_path / "ckpt")
+    for name in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "critic/adapter_config.json",
+        "value_head.safetensors",
+        "qwen_tool_model.json",
+    ]:
+        assert (out / name).is_file(), name
+    assert json.loads((out / "qwen_tool_model.json").read_text())["lora_r"] == 16
+
+    restored = models.load_checkpoint(out, device="cpu").eval()
+    assert restored.settings == ac.settings
+    assert torch.equal(restored.score(ids, mask)["logprobs"], policy)
+    assert torch.equal(restored.values(ids, mask), values)
+    peft_policy = PeftModel.from_pretrained(_load_base(str(tiny_dir), "nf4", "cpu", torch.float32), str(out))
+    assert_close(naive_logprobs(peft_policy.eval(), ids, mask), policy, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_critic_full_precision(tiny_dir):
+    ac = load(tiny_dir, quantization="none", critic="shared")
+    assert list(ac.model.peft_config) == ["policy"]
+    assert [id(p) for p in ac.critic_parameters()] == [id(p) for p in ac.value_head.parameters()]
+    ids, mask = batch(ac.tokenizer, TEXTS)
+    grads = grads_of(ac, ids, mask)
+    assert all(g.abs().sum() > 0 for g in grads[-2:])  # the value head learns
+    with ac.critic():
+        assert ac.model.active_adapter == "policy"
+
+
+def test_missing_model_raises_model_load_error(tmp_path):
+    with pytest.raises(models.ModelLoadError, match="No model folder at"):
+        models.load_actor_critic(str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(models.ModelLoadError, match="Could not load the model in"):
+        models.load_actor_critic(str(tmp_path), device="cpu")
+
+
+def test_resolve_model_presets(monkeypatch, tmp_path):
+    assert models.resolve_model("qwen3-1.7b") == "Qwen/Qwen3-1.7B"
+    assert models.resolve_model("some/other") == "some/other"
+    monkeypatch.setitem(models.PRESET_MODELS, "tiny", lambda: tmp_path)
+    assert models.resolve_model("tiny") == str(tmp_path)
+
+
+# ----- tiny cache ------------------------------------------------------------------------------------
+
+
+def test_ensure_tiny_builds_once_and_atomically(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_build(out_dir, seed=0):
+        calls.append(out_dir)
+        (out_dir / "config.json").write_text("{}")
+        if len(calls) == 1:
+            raise RuntimeError("crash mid-build")
+        return out_dir
+
+    monkeypatch.setattr(tiny, "build_tiny", fake_build)
+    target = tmp_path / "cache" / "tiny-x"
+    with pytest.raises(RuntimeError):
+        tiny.ensure_tiny(target)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    assert tiny.ensure_tiny(target) == target and (target / "config.json").is_file()
+    assert tiny.ensure_tiny(target) == target and len(calls) == 2
+    monkeypatch.setenv("QWEN_TOOL_CACHE", str(tmp_path))
+    assert tiny.default_cache_dir() == tmp_path / f"tiny-{tiny.TINY_VERSION}"
+
+
+def test_position_ids_and_scored_positions_follow_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    expected = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]])
+    assert torch.equal(position_ids_from_mask(mask), expected)
+    scored = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(scored_mask(mask), scored)
