@@ -407,3 +407,24 @@ def test_position_ids_and_scored_positions_follow_left_padding():
     assert torch.equal(position_ids_from_mask(mask), expected)
     scored = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(scored_mask(mask), scored)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nf4_bf16_on_cuda(tiny_dir):
+    import bitsandbytes as bnb
+
+    ac = models.load_actor_critic(str(tiny_dir), device="cuda")
+    layer = next(m for m in ac.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert layer.weight.device.type == "cuda" and layer.compute_dtype == torch.bfloat16
+    ids, mask = (t.cuda() for t in batch(ac.tokenizer, TEXTS))
+    ac.eval()
+    policy = ac.score(ids, mask, with_entropy=True)
+    assert policy["logprobs"].dtype == torch.float32
+    assert torch.equal(policy["logprobs"], ac.score(ids, mask, role="reference")["logprobs"])
+    grads = grads_of(ac, ids, mask)
+    assert all(torch.isfinite(g).all() for g in grads) and grads[-2].abs().sum() > 0
+    ac.eval()
+    with ac.policy(), torch.no_grad():
+        seqs = ac.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=4)
+    assert seqs.shape[0] == ids.shape[0] and seqs.shape[1] > ids.shape[1]
