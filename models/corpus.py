@@ -80,11 +80,12 @@ def _mock_dirs() -> tuple[Path | None, Path | None]:
 
 
 def _read_tasks(tasks_dir: Path | None) -> tuple[list[str], list[dict]]:
-    """Return the raw text of every task file and the parsed tasks (bad lines are skipped)."""
+    """Return the raw text of every task file but the test split, and the parsed tasks (bad lines skipped)."""
     if tasks_dir is None:
         return [], []
     texts, tasks = [], []
-    for path in sorted(tasks_dir.glob("*.jsonl")):
+    # The held-out split stays out of the tokenizer's text: evaluation must not see its prompts anywhere.
+    for path in sorted(p for p in tasks_dir.glob("*.jsonl") if p.stem != "test"):
         text = path.read_text(encoding="utf-8", errors="replace")
         texts.append(text)
         for line in text.splitlines():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump when the architecture, tokenizer recipe or template changes, so old caches are not reused.
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 
 TINY_CONFIG: dict[str, Any] = {
     "hidden_size": 256,
@@ -34,7 +34,23 @@ def default_cache_dir() -> Path:
     `$QWEN_TOOL_CACHE` defaults to `~/.cache/qwen-tool`.
     """
     root = os.environ.get("QWEN_TOOL_CACHE") or Path.home() / ".cache" / "qwen-tool"
-    return Path(root) / f"tiny-{TINY_VERSION}"
+    return Path(root) / f"tiny-{TINY_VERSION}-{fingerprint()}"
+
+
+def fingerprint() -> str:
+    """A short hash of everything the tiny build reads, so a changed task suite or template is rebuilt."""
+    import hashlib
+
+    from models import corpus, tokenizer
+
+    digest = hashlib.sha256(repr((TINY_VERSION, TINY_CONFIG, tokenizer.TINY_SPLIT_PATTERN)).encode())
+    digest.update(tokenizer.chat_template().encode())
+    tasks_dir, data_dir = corpus._mock_dirs()
+    for folder in (tasks_dir, data_dir):
+        for path in sorted(folder.rglob("*")) if folder is not None else []:
+            if path.is_file() and path.stem != "test":
+                digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:8]
 
 
 def _save_model(out_dir: Path, tokenizer, seed: int, overrides: dict[str, Any]) -> None:

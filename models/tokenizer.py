@@ -23,12 +23,15 @@ MARKUP_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_respo
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
 
-# Pre-tokenization regex of the Qwen2/Qwen3 tokenizer (tokenizer.json of Qwen/Qwen3-1.7B): `\p{N}` alone
-# makes every digit its own pre-token, so numbers are spelled digit by digit.
-QWEN_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+"
-)
+# Pre-tokenization of the tiny preset: every digit is its own pre-token (as in Qwen's tokenizer, so numbers
+# are spelled digit by digit and can be copied one digit at a time), and lines and single quotes are cut
+# apart (so a quoted name such as 'Red Pen Set' is a unit of its own, the same in a prompt and in SQL).
+# Unlike Qwen's word-level split, merges may span spaces and punctuation: the tool block that every
+# prompt carries then compresses from about 1,900 tokens to about 230, and a 2-core CPU spends its time on
+# the policy's turns instead of re-reading the system prompt. (Measured on the mock server's 13 tools.)
+TINY_SPLIT_PATTERN = r"\p{N}|\n|'"
+# Merged tokens stay short enough that rare strings still decompose into known pieces.
+MAX_TOKEN_LENGTH = 48
 
 
 def chat_template() -> str:
@@ -53,7 +56,7 @@ def _raw_bpe(texts: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(TINY_SPLIT_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -65,6 +68,7 @@ def _raw_bpe(texts: Iterable[str], vocab_size: int):
         special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
+        max_token_length=MAX_TOKEN_LENGTH,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_tokens(markup)

@@ -398,7 +398,7 @@ def test_ensure_tiny_builds_once_and_atomically(tmp_path, monkeypatch):
     assert tiny.ensure_tiny(target) == target and (target / "config.json").is_file()
     assert tiny.ensure_tiny(target) == target and len(calls) == 2
     monkeypatch.setenv("QWEN_TOOL_CACHE", str(tmp_path))
-    assert tiny.default_cache_dir() == tmp_path / f"tiny-{tiny.TINY_VERSION}"
+    assert tiny.default_cache_dir() == tmp_path / f"tiny-{tiny.TINY_VERSION}-{tiny.fingerprint()}"
 
 
 def test_position_ids_and_scored_positions_follow_left_padding():
