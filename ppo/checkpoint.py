@@ -1,0 +1,123 @@
+"""Checkpoints: written atomically, read back to continue a run exactly.
+
+Layout of an output directory::
+
+    config.json                     the run's Config
+    metrics.jsonl, tensorboard/     monitoring
+    checkpoints/iter_000010/        one checkpoint: a PEFT adapter folder (the policy, at its root), critic/,
+                                    value_head.safetensors, trainer_state.pt (optimizer, scheduler, KL controller,
+                                    task sampler, next iteration)
+    checkpoints/latest              the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary folder and renamed into place, and ``latest`` is replaced atomically
+after that, so a crash at any moment leaves the previous checkpoint intact and pointed to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class TaskSampler:
+    """Task ids in shuffled passes over the task list; its state is part of a checkpoint."""
+
+    def __init__(self, task_ids: list[str], seed: int):
+        if not task_ids:
+            raise ValueError("the task list is empty")
+        self.task_ids = list(task_ids)
+        self.rng = np.random.default_rng(seed)
+        self.order: list[int] = []
+        self.position = 0
+
+    def sample(self, n: int) -> list[str]:
+        out = []
+        while len(out) < n:
+            if self.position >= len(self.order):
+                self.order = self.rng.permutation(len(self.task_ids)).tolist()
+                self.position = 0
+            out.append(self.task_ids[self.order[self.position]])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order, self.position = list(state["order"]), int(state["position"])
+
+
+def checkpoint_dir(output_dir: Path, iteration: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"iter_{iteration:06d}"
+
+
+def save_checkpoint(
+    output_dir: Path, iteration: int, actor_critic, trainer_state: dict, keep: int = 3
+) -> Path:
+    """Write checkpoint ``iteration`` (the number of iterations done) atomically; keep the newest ``keep``."""
+    final = checkpoint_dir(output_dir, iteration)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+    try:
+        actor_critic.save_pretrained(tmp)
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(final.parent / "latest", final.name)
+    _prune(final.parent, keep)
+    return final
+
+
+def latest_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to resume from: ``path`` itself, or the newest one of the output directory ``path``."""
+    path = Path(path)
+    if (path / "trainer_state.pt").exists():
+        return path
+    pointer = path / "checkpoints" / "latest"
+    if pointer.exists():
+        ckpt = path / "checkpoints" / pointer.read_text().strip()
+        if (ckpt / "trainer_state.pt").exists():
+            return ckpt
+    raise FileNotFoundError(
+        f"no checkpoint to resume from in {path} (expected checkpoints/latest or trainer_state.pt)"
+    )
+
+
+def output_dir_of(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    # weights_only=False: the state holds numpy RNG state and plain Python containers written by us.
+    return torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def save_config(output_dir: Path, config: dict) -> None:
+    _write_atomic(Path(output_dir) / "config.json", json.dumps(config, indent=2, sort_keys=True))
+
+
+def load_config(output_dir: Path) -> dict:
+    return json.loads((Path(output_dir) / "config.json").read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(folder: Path, keep: int) -> None:
+    done = sorted(p for p in folder.glob("iter_*") if p.is_dir())
+    for old in done[: max(len(done) - keep, 0)]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,285 @@
+"""One Config dataclass for training and evaluation, its presets, and the command line built from it.
+
+Every hyperparameter is a typed field followed by a one-line docstring; the docstrings become the ``--help``
+text (read from this file's source, the way cleanrl's ``Args`` documents itself). Presets are named instances:
+``tiny`` trains the locally built tiny model on the CPU, ``qwen3-1.7b`` is the real configuration (NF4 base,
+LoRA on every linear layer, bf16, gradient checkpointing, paged 8-bit AdamW).
+
+Sizes: an *iteration* collects ``num_episodes`` episodes, then runs ``ppo_epochs`` passes over them in
+minibatches of ``minibatch_size`` episodes; each minibatch is processed ``micro_batch_size`` episodes at a time
+with gradient accumulation, so memory is set by ``micro_batch_size`` and the optimisation by ``minibatch_size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    # --- what to train -------------------------------------------------------------------------------
+    preset: str = "tiny"
+    """named preset the other defaults come from: tiny or qwen3-1.7b"""
+    model: str | None = None
+    """Hugging Face name or local path of the base model; None: the preset's model (tiny: built locally)"""
+    quantization: str = "nf4"
+    """base weights: nf4 (bitsandbytes 4-bit, double quantisation) or none (full precision)"""
+    lora_r: int = 16
+    """LoRA rank (adapters on every linear layer except lm_head)"""
+    lora_alpha: int = 32
+    """LoRA alpha (the update is scaled by alpha / r)"""
+    lora_dropout: float = 0.0
+    """LoRA dropout; 0 keeps the PPO ratio exactly 1 before the first update"""
+    critic: str = "separate"
+    """critic adapter: separate (its own LoRA, value gradients never touch the policy) or shared"""
+    gradient_checkpointing: bool = True
+    """recompute activations in the backward pass (memory for compute)"""
+    device: str | None = None
+    """torch device; None: cuda when available, else cpu"""
+
+    # --- environment ---------------------------------------------------------------------------------
+    mcp_server: str | None = None
+    """MCP server: a command line (stdio), an http(s)://.../mcp URL, or None for the bundled mock server"""
+    tasks: str | None = None
+    """JSONL task file to train on; None: the mock server's train split"""
+    eval_tasks: str | None = None
+    """JSONL task file for evaluation; None: the mock server's test split"""
+    max_turns: int = 4
+    """turn limit of an episode (a task's own max_turns wins)"""
+    call_timeout: float = 10.0
+    """seconds a tool call may take before it counts as a tool_error"""
+
+    # --- rollouts ------------------------------------------------------------------------------------
+    num_episodes: int = 64
+    """episodes collected per iteration (the PPO batch)"""
+    max_new_tokens: int = 96
+    """tokens the policy may write in one turn"""
+    max_context: int = 1536
+    """token budget of a whole episode; an episode that would outgrow it is cut and counted"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are recomputed at the same temperature"""
+
+    # --- PPO -----------------------------------------------------------------------------------------
+    iterations: int = 60
+    """PPO iterations (rollout + update)"""
+    ppo_epochs: int = 2
+    """passes over each batch of episodes"""
+    minibatch_size: int = 32
+    """episodes per optimizer step"""
+    micro_batch_size: int = 16
+    """episodes per forward/backward pass (gradient accumulation up to minibatch_size)"""
+    learning_rate: float = 3e-4
+    """learning rate of the policy adapter"""
+    critic_learning_rate: float = 1e-3
+    """learning rate of the critic adapter and value head"""
+    lr_schedule: str = "constant"
+    """learning-rate schedule after warmup: constant, linear or cosine (to 10% of the peak)"""
+    warmup_iterations: int = 2
+    """iterations of linear learning-rate warmup"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    optimizer: str = "paged_adamw_8bit"
+    """paged_adamw_8bit (bitsandbytes), adamw_8bit, or adamw (torch)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (total norm over all trainable parameters)"""
+    clip_eps: float = 0.2
+    """PPO ratio clip"""
+    dual_clip: float | None = None
+    """dual-clip constant c > 1 for negative advantages (Ye et al. 2020); None: off"""
+    value_clip_eps: float = 0.2
+    """clip of the value update around the rollout's values"""
+    vf_coef: float = 0.5
+    """weight of the value loss"""
+    ent_coef: float = 0.0
+    """weight of the entropy bonus"""
+    gamma: float = 1.0
+    """discount per action token"""
+    lam: float = 0.95
+    """GAE lambda"""
+    whiten_advantages: bool = True
+    """normalise advantages over the batch's action tokens"""
+    reward_scale: float = 0.1
+    """environment rewards are multiplied by this before PPO (+10 becomes +1)"""
+    kl_kind: str = "k1"
+    """per-token KL estimator in the reward: k1, k2 or k3"""
+    init_kl_coef: float = 0.02
+    """initial coefficient of the KL-to-reference penalty"""
+    adaptive_kl: bool = True
+    """adapt the KL coefficient towards kl_target (Ziegler et al. 2019)"""
+    kl_target: float = 2.0
+    """target KL per episode for the adaptive controller (nats, summed over an episode's action tokens)"""
+    kl_horizon: int = 2000
+    """horizon of the adaptive KL controller, in episodes"""
+
+    # --- warm start (tiny preset) --------------------------------------------------------------------
+    warmstart: bool = True
+    """tiny preset: build and warm-start the model by imitation when it is not cached"""
+    sft_epochs: int = 3
+    """passes over the demonstrations in the warm start"""
+    sft_error_fraction: float = 0.35
+    """share of demonstrations that make a mistake (bad JSON, invented tool, wrong types) and then correct it"""
+
+    # --- run -----------------------------------------------------------------------------------------
+    output_dir: str | None = None
+    """where metrics, TensorBoard events and checkpoints go; None: runs/<preset>-<time>"""
+    resume: str | None = None
+    """continue the run in this output directory (or checkpoint directory) exactly where it stopped"""
+    save_every: int = 10
+    """write a checkpoint every N iterations (and always at the end)"""
+    log_samples_every: int = 10
+    """log a few sample episodes as text every N iterations"""
+    eval_every: int = 0
+    """greedy evaluation on eval_tasks every N iterations; 0: only at the end"""
+    eval_episodes: int = 0
+    """tasks used by the periodic evaluation; 0: all"""
+    seed: int = 0
+    """seed of everything random (task order, sampling, initialisation)"""
+
+    @property
+    def micro_batches_per_minibatch(self) -> int:
+        return -(-self.minibatch_size // self.micro_batch_size)
+
+    def validate(self) -> None:
+        """Raise ValueError with one sentence on the first inconsistent setting."""
+        checks = [
+            (self.preset in PRESETS, f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}"),
+            (
+                self.quantization in ("nf4", "none"),
+                f"quantization must be nf4 or none, not {self.quantization!r}",
+            ),
+            (
+                self.critic in ("separate", "shared"),
+                f"critic must be separate or shared, not {self.critic!r}",
+            ),
+            (self.kl_kind in ("k1", "k2", "k3"), f"kl_kind must be k1, k2 or k3, not {self.kl_kind!r}"),
+            (
+                self.lr_schedule in ("constant", "linear", "cosine"),
+                f"unknown lr_schedule {self.lr_schedule!r}",
+            ),
+            (
+                self.optimizer in ("paged_adamw_8bit", "adamw_8bit", "adamw"),
+                f"unknown optimizer {self.optimizer!r}",
+            ),
+            (self.num_episodes > 0 and self.iterations >= 0, "num_episodes must be > 0 and iterations >= 0"),
+            (
+                0 < self.micro_batch_size <= self.minibatch_size <= self.num_episodes,
+                "need 0 < micro_batch_size <= minibatch_size <= num_episodes",
+            ),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.dual_clip is None or self.dual_clip > 1, "dual_clip must be > 1 (or None)"),
+            (0 <= self.sft_error_fraction < 1, "sft_error_fraction must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+PRESETS: dict[str, Config] = {
+    # CPU, seconds per iteration: the locally built tiny Qwen3-shaped model and the bundled mock server.
+    "tiny": Config(),
+    # One GPU: Qwen3-1.7B in NF4 with LoRA on every linear layer.
+    "qwen3-1.7b": Config(
+        preset="qwen3-1.7b",
+        model="Qwen/Qwen3-1.7B",
+        warmstart=False,
+        num_episodes=32,
+        max_new_tokens=512,
+        max_context=4096,
+        minibatch_size=16,
+        micro_batch_size=4,
+        learning_rate=2e-5,
+        critic_learning_rate=1e-4,
+        lr_schedule="cosine",
+        init_kl_coef=0.05,
+        iterations=200,
+        save_every=20,
+    ),
+}
+
+
+def field_help() -> dict[str, str]:
+    """The attribute docstrings of Config, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(Config)))
+    body = tree.body[0].body
+    helps = {}
+    for node, nxt in itertools.pairwise(body):
+        named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        if named and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            helps[node.target.id] = str(nxt.value.value)
+    return helps
+
+
+def _base_type(annotation: str) -> tuple[type, bool]:
+    """The scalar type of a field annotation and whether it is optional (``X | None``)."""
+    hint = typing.get_type_hints(Config)[annotation]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _optional(kind: type):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+
+    return parse
+
+
+def build_parser(defaults: Config, prog: str = "python -m ppo.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = {name: text.replace("%", "%%") for name, text in field_help().items()}  # argparse %-formats help
+    for f in dataclasses.fields(Config):
+        kind, optional = _base_type(f.name)
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=helps[f.name]
+            )
+        else:
+            parser.add_argument(
+                flag, type=_optional(kind) if optional else kind, default=default, help=helps[f.name]
+            )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "python -m ppo.train") -> Config:
+    """Config from the command line: the preset's values, overridden by any flag given."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny")
+    known, _ = pre.parse_known_args(argv)
+    if known.preset not in PRESETS:
+        raise SystemExit(f"unknown preset {known.preset!r}; choose from {', '.join(PRESETS)}")
+    args = build_parser(PRESETS[known.preset], prog).parse_args(argv)
+    cfg = Config(**vars(args))
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise SystemExit(f"invalid configuration: {err}") from None
+    return cfg
+
+
+def config_table(cfg: Config) -> str:
+    """The whole config as a Markdown table (logged to TensorBoard and printed at the start)."""
+    rows = [f"|{f.name}|{getattr(cfg, f.name)!r}|" for f in dataclasses.fields(cfg)]
+    return "|parameter|value|\n|-|-|\n" + "\n".join(rows)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in data.items() if k in names})
+
+
+__all__ = ["PRESETS", "Config", "build_parser", "config_table", "from_dict", "parse_args", "to_dict"]

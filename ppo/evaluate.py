@@ -1,0 +1,127 @@
+"""Greedy evaluation of a policy on a task split: ``python -m ppo.evaluate``.
+
+Every task of the split is played once with greedy decoding. Reported: the success rate, the share of each env
+status among all turns, and both per task category, as a table and (``--json``) as JSON::
+
+    {"success_rate": 0.9, "status": {"success": ..., ...}, "per_category": {"math": {...}, ...}, ...}
+
+Without ``--checkpoint`` the starting policy is evaluated (for the tiny preset: the warm-started model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from ppo.config import PRESETS, Config, from_dict
+from ppo.monitor import STATUSES, episode_metrics, per_category
+from ppo.rollout import ChatFormat, collect_rollouts
+
+
+def evaluate(actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64) -> dict:
+    """Greedy success rate and status shares, overall and per category, over ``tasks``."""
+    from ppo.setup import make_env_pool
+
+    chat = ChatFormat(actor_critic.tokenizer)
+    episodes, started = [], time.perf_counter()
+    ids = [t["id"] for t in tasks]
+    with make_env_pool(cfg, tasks, size=min(batch_size, len(ids))) as pool:
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            batch = collect_rollouts(
+                actor_critic,
+                chat,
+                pool,
+                chunk,
+                max_new_tokens=cfg.max_new_tokens,
+                max_context=cfg.max_context,
+                temperature=0.0,
+            )
+            episodes += batch.episodes
+    m = episode_metrics(episodes)
+    return {
+        "success_rate": m["charts/success_rate"],
+        "status": {s: m[f"env/status/{s}"] for s in STATUSES},
+        "per_category": per_category(episodes),
+        "episodes": len(episodes),
+        "mean_turns": m["charts/episode_turns"],
+        "cut_episodes": int(m["charts/cut_episodes"]),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def format_table(result: dict) -> str:
+    """The evaluation as a Markdown table: one row per category and one for all tasks."""
+    head = "| category | episodes | success | " + " | ".join(STATUSES) + " |"
+    rule = "|" + "---|" * (3 + len(STATUSES))
+    rows = [head, rule]
+    for name, c in result["per_category"].items():
+        shares = " | ".join(f"{c['status'][s]:.2f}" for s in STATUSES)
+        rows.append(f"| {name} | {c['episodes']} | {c['success_rate']:.2f} | {shares} |")
+    shares = " | ".join(f"{result['status'][s]:.2f}" for s in STATUSES)
+    rows.append(f"| **all** | {result['episodes']} | {result['success_rate']:.2f} | {shares} |")
+    return "\n".join(rows)
+
+
+def _config_for(args) -> Config:
+    if args.checkpoint:
+        from ppo.checkpoint import latest_checkpoint, load_config, output_dir_of
+
+        checkpoint = latest_checkpoint(args.checkpoint)
+        cfg = from_dict(load_config(output_dir_of(checkpoint)))
+        args.checkpoint = str(checkpoint)
+    else:
+        cfg = dataclasses.replace(PRESETS[args.preset])
+    for name in ("model", "mcp_server", "device"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.max_new_tokens:
+        cfg.max_new_tokens = args.max_new_tokens
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m ppo.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--checkpoint", help="a checkpoint folder or a run's output directory (its newest checkpoint)"
+    )
+    parser.add_argument("--split", default="test", choices=["train", "test"], help="mock server task split")
+    parser.add_argument("--tasks", help="JSONL task file to evaluate on instead of a mock split")
+    parser.add_argument("--json", help="write the result as JSON to this path")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="without --checkpoint")
+    parser.add_argument("--model", help="base model name or path (default: the run's or the preset's)")
+    parser.add_argument(
+        "--mcp-server", dest="mcp_server", help="MCP server command or URL (default: the mock)"
+    )
+    parser.add_argument("--device", help="torch device")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=0, help="per-turn token limit (default: the config's)"
+    )
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N tasks")
+    parser.add_argument("--batch-size", type=int, default=64, help="episodes played at once")
+    args = parser.parse_args(argv)
+    cfg = _config_for(args)
+    from ppo.setup import load_policy, resolve_tasks
+
+    tasks = resolve_tasks(args.tasks, split=args.split)
+    if args.limit:
+        tasks = tasks[: args.limit]
+    actor_critic = load_policy(cfg, adapters=args.checkpoint)
+    result = evaluate(actor_critic, cfg, tasks, batch_size=args.batch_size)
+    result["checkpoint"] = args.checkpoint
+    result["split"] = args.tasks or args.split
+    print(format_table(result))
+    print(
+        f"success rate {result['success_rate']:.3f} on {result['episodes']} tasks ({result['seconds']:.0f}s)"
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

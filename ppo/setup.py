@@ -1,0 +1,109 @@
+"""Building what a run needs from its Config: the policy, the optimizer and schedule, the tasks, the env pool."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ppo.config import Config
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """The model to load: ``--model`` when given, else the preset's (tiny: built locally and warm-started)."""
+    if cfg.model:
+        return cfg.model
+    if cfg.preset == "tiny":
+        from models.tiny import ensure_tiny
+
+        path = ensure_tiny()
+        if cfg.warmstart:
+            from ppo.warmstart import ensure_warm_start
+
+            path = ensure_warm_start(path, cfg)
+        return str(path)
+    from ppo.config import PRESETS
+
+    return str(PRESETS[cfg.preset].model)
+
+
+def default_device(cfg: Config) -> str:
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_policy(cfg: Config, adapters: str | Path | None = None, device: str | None = None):
+    """The ActorCritic of the run: one base (NF4 or full precision) with policy and critic adapters."""
+    from models import load_actor_critic
+
+    actor_critic = load_actor_critic(
+        resolve_model_path(cfg),
+        quantization=cfg.quantization,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        critic=cfg.critic,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        device=device or default_device(cfg),
+    )
+    if adapters is not None:
+        actor_critic.load_adapters(adapters)
+    return actor_critic
+
+
+def build_optimizer(cfg: Config, actor_critic) -> torch.optim.Optimizer:
+    """AdamW over two parameter groups: the policy adapter, and the critic (adapter and value head).
+
+    The default is bitsandbytes' paged 8-bit AdamW: its moments take a quarter of fp32 Adam's memory and
+    are paged out of GPU memory under pressure instead of failing.
+    """
+    groups = [
+        {"params": actor_critic.policy_parameters(), "lr": cfg.learning_rate},
+        {"params": actor_critic.critic_parameters(), "lr": cfg.critic_learning_rate},
+    ]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    import bitsandbytes as bnb
+
+    kind = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return kind(groups, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: Config, iteration: int) -> float:
+    """Learning-rate multiplier at ``iteration``: linear warmup, then constant, linear or cosine to 10%."""
+    if iteration < cfg.warmup_iterations:
+        return (iteration + 1) / (cfg.warmup_iterations + 1)
+    span = max(cfg.iterations - cfg.warmup_iterations, 1)
+    progress = min((iteration - cfg.warmup_iterations) / span, 1.0)
+    if cfg.lr_schedule == "linear":
+        return 1.0 - 0.9 * progress
+    if cfg.lr_schedule == "cosine":
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_scheduler(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+
+
+def resolve_tasks(path: str | None, split: str) -> list[dict]:
+    """Tasks from a JSONL file (line-numbered errors), or the bundled mock server's split."""
+    from env.tasks import load_tasks
+
+    if path:
+        return load_tasks(path)
+    import mcp_mock
+
+    return load_tasks(mcp_mock.load_tasks(split))
+
+
+def make_env_pool(cfg: Config, tasks: list[dict], size: int | None = None):
+    from env import EnvPool
+
+    return EnvPool(
+        size or cfg.num_episodes,
+        server=cfg.mcp_server,
+        tasks=tasks,
+        max_turns=cfg.max_turns,
+        call_timeout=cfg.call_timeout,
+    )

@@ -1,0 +1,205 @@
+"""Warm start of the tiny preset: supervised imitation of the train tasks' oracle solutions, made imperfect.
+
+A randomly initialised model cannot explore its way to a tool call, so PPO starts from a policy that has seen
+demonstrations. The demonstrations are deliberately flawed: a set fraction of them open with a mistake (a
+``<tool_call>`` that is not valid JSON, a tool that does not exist, or an argument of the wrong type), followed by
+the real error the server returns and then the correct call. The warm-started policy therefore makes exactly the
+mistakes PPO is meant to remove, and has seen that errors can be recovered from.
+
+Every demonstration is played through ``MCPGymEnv`` on the mock server, so tool outputs and error messages are the
+real ones, and tokenized exactly as ``ppo.rollout`` lays out an episode (prompt, sampled turns, suffix ids).
+Loss is on the assistant turns only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MISTAKES = ("invalid_json", "invented_tool", "wrong_type")
+WARMSTART_VERSION = "w1"
+
+
+def call_text(name: str, arguments: dict) -> str:
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
+
+
+def mistaken_call(call: dict, kind: str, tools: dict[str, dict], rng: random.Random) -> str | None:
+    """A flawed version of ``call`` of the given kind, or None when this call cannot carry that mistake."""
+    name, args = call["name"], call.get("arguments", {})
+    if kind == "invalid_json":
+        good = json.dumps({"name": name, "arguments": args})
+        broken = rng.choice(
+            [good[:-1], good.replace('"', "'", 2), good[:-2] + ",}}", good.replace(":", "", 1)]
+        )
+        return f"<tool_call>\n{broken}\n</tool_call>"
+    if kind == "invented_tool":
+        fake = rng.choice([name.split("_")[0], name + "_tool", "run_" + name, name.replace("_", "")])
+        return None if fake in tools else call_text(fake, args)
+    props = tools.get(name, {}).get("parameters", {}).get("properties", {})
+    for key, value in args.items():
+        kind_of = props.get(key, {}).get("type")
+        if kind_of in ("number", "integer") and isinstance(value, (int, float)):
+            return call_text(
+                name, {**args, key: rng.choice(["ten", f"{value} units", "about " + str(value)])}
+            )
+        if kind_of == "string" and isinstance(value, str):
+            return call_text(name, {**args, key: [value]})
+    return None
+
+
+def demonstration(
+    env, task: dict, mistake: str | None, rng: random.Random
+) -> list[tuple[str, list[dict]]] | None:
+    """Play a task's oracle (after an optional mistake) through the env.
+
+    Returns [(assistant_text, tool_messages_after_it), ...] and the first observation's info, or None when the
+    oracle does not reach success (a broken task is skipped, not imitated).
+    """
+    _obs, info = env.reset(options={"task_id": task["id"]})
+    tools = {t["function"]["name"]: t["function"] for t in info["tools"]}
+    turns = [call_text(c["name"], c.get("arguments", {})) for c in task.get("oracle", [])]
+    if not turns:
+        return None
+    if mistake is not None:
+        bad = mistaken_call(task["oracle"][0], mistake, tools, rng)
+        if bad is not None:
+            turns.insert(0, bad)
+    played = []
+    for text in turns:
+        _obs, _reward, terminated, truncated, step_info = env.step(text)
+        played.append((text, step_info.get("tool_messages", [])))
+        if terminated or truncated:
+            return (played, info) if step_info["status"] == "success" else None
+    return None
+
+
+def tokenize_demo(chat, info: dict, played) -> tuple[list[int], list[int]]:
+    """Token ids and action mask of a demonstration, laid out exactly as a rollout lays out an episode."""
+    ids = chat.prompt_ids(info["messages"], info["tools"])
+    mask = [0] * len(ids)
+    for k, (text, tool_messages) in enumerate(played):
+        turn = [*chat.encode(text), chat.end_of_turn_id]
+        ids += turn
+        mask += [1] * len(turn)
+        if k + 1 < len(played):
+            suffix = chat.suffix_ids(tool_messages)
+            ids += suffix
+            mask += [0] * len(suffix)
+    return ids, mask
+
+
+def build_demonstrations(chat, tasks: list[dict], error_fraction: float, seed: int, max_turns: int = 6):
+    """(ids, action_mask) of one demonstration per task that its oracle solves."""
+    from env import MCPGymEnv
+
+    rng = random.Random(seed)
+    demos, skipped = [], 0
+    env = MCPGymEnv(tasks=tasks, max_turns=max_turns)
+    try:
+        for task in tasks:
+            mistake = rng.choice(MISTAKES) if rng.random() < error_fraction else None
+            result = demonstration(env, {**task, "max_turns": max_turns}, mistake, rng)
+            if result is None:
+                skipped += 1
+                continue
+            played, info = result
+            demos.append(tokenize_demo(chat, info, played))
+    finally:
+        env.close()
+    if skipped:
+        print(f"warm start: {skipped} task(s) skipped (their oracle did not reach success)")
+    return demos
+
+
+def supervised_finetune(
+    model, demos, pad_id: int, *, epochs: int, lr: float, batch_size: int, seed: int
+) -> None:
+    """Full fine-tuning with AdamW on the assistant tokens of the demonstrations."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    steps = epochs * -(-len(demos) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    step, started = 0, time.perf_counter()
+    for epoch in range(epochs):
+        for rows in torch.randperm(len(demos), generator=generator).split(batch_size):
+            batch = [demos[i] for i in rows.tolist()]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), width), pad_id)
+            labels = torch.full((len(batch), width), -100)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, (seq, mask) in enumerate(batch):
+                ids[r, : len(seq)] = torch.tensor(seq)
+                attn[r, : len(seq)] = 1
+                labels[r, : len(seq)] = torch.where(torch.tensor(mask) == 1, torch.tensor(seq), -100)
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % 20 == 0 or step == steps:
+                print(
+                    f"warm start: epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss.item():.3f} "
+                    f"({time.perf_counter() - started:.0f}s)",
+                    flush=True,
+                )
+
+
+def warm_start_key(base: Path, cfg) -> str:
+    parts = [
+        WARMSTART_VERSION,
+        str(base),
+        cfg.sft_epochs,
+        cfg.sft_error_fraction,
+        cfg.seed,
+        cfg.tasks or "mock",
+    ]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:10]
+
+
+def ensure_warm_start(base: str | Path, cfg) -> Path:
+    """The warm-started copy of ``base`` for this config, built (atomically) when it is not cached yet."""
+    base = Path(base)
+    out = base.parent / f"{base.name}-warm-{warm_start_key(base, cfg)}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ppo.rollout import ChatFormat
+    from ppo.setup import resolve_tasks
+
+    print(
+        f"warm start: building {out} (supervised imitation of oracle solutions, "
+        f"{cfg.sft_error_fraction:.0%} of them flawed)",
+        flush=True,
+    )
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    chat = ChatFormat(tokenizer)
+    demos = build_demonstrations(chat, resolve_tasks(cfg.tasks, "train"), cfg.sft_error_fraction, cfg.seed)
+    supervised_finetune(
+        model, demos, chat.pad_id, epochs=cfg.sft_epochs, lr=2e-3, batch_size=16, seed=cfg.seed
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-warm-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,187 @@
+"""The training loop end to end on a small tiny-preset model and the bundled mock server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ppo import train
+from ppo.config import Config
+from ppo.rollout import ChatFormat, collect_rollouts
+from ppo.setup import build_optimizer, load_policy, make_env_pool, resolve_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_RUN = [
+    "--no-warmstart", "--num-episodes", "4", "--minibatch-size", "4", "--micro-batch-size", "2",
+    "--max-new-tokens", "12", "--max-context", "1024", "--ppo-epochs", "1", "--optimizer", "adamw",
+]  # fmt: skip
+
+
+def small_config(model_dir: Path, out: Path, **kw) -> Config:
+    cfg = Config(
+        model=str(model_dir), warmstart=False, num_episodes=4, minibatch_size=4, micro_batch_size=2,
+        max_new_tokens=12, max_context=1024, ppo_epochs=1, optimizer="adamw", output_dir=str(out),
+        save_every=1, log_samples_every=1, iterations=2,
+    )  # fmt: skip
+    for key, value in kw.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_cli_runs_two_iterations_and_writes_metrics_and_checkpoint(small_tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ppo.train", "--model", str(small_tiny_dir), "--iterations", "2",
+           "--output-dir", str(out), "--save-every", "5", *SMALL_RUN]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "iter    2/2" in proc.stdout
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [0, 1]
+    for key in (
+        "charts/success_rate", "charts/episodic_return", "losses/policy_loss", "losses/value_loss",
+        "losses/approx_kl", "losses/clipfrac", "losses/entropy", "losses/explained_variance",
+        "objective/kl_ref", "objective/kl_coef", "perf/rollout_tokens_per_s",
+        *(f"env/status/{s}" for s in ("success", "tool_execution", "tool_error", "invalid_json", "structural_fail")),
+    ):  # fmt: skip
+        assert key in lines[-1], key
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    ckpt = out / "checkpoints" / "iter_000002"  # the last iteration is always saved
+    assert (out / "checkpoints" / "latest").read_text() == "iter_000002"
+    policy = load_file(ckpt / "adapter_model.safetensors")
+    lora_b = [t for k, t in policy.items() if "lora_B" in k]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # LoRA B starts at zero: the policy moved
+    critic = load_file(ckpt / "critic" / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in critic.items() if "lora_B" in k)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # the checkpoint root is a plain PEFT adapter folder
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(small_tiny_dir), ckpt)
+
+
+@pytest.fixture(scope="module")
+def trained_state(small_tiny_dir, tmp_path_factory):
+    """One in-process iteration: base weights before and after, value head before and after."""
+    out = tmp_path_factory.mktemp("inproc")
+    cfg = small_config(small_tiny_dir, out, iterations=1)
+    torch.manual_seed(cfg.seed)
+    fresh = load_policy(cfg)
+    frozen = {k: v.clone() for k, v in fresh.model.named_parameters() if not v.requires_grad}
+    head = {k: v.clone() for k, v in fresh.value_head.state_dict().items()}
+    train.main(cfg)
+    return cfg, out, frozen, head
+
+
+def test_training_changes_adapters_and_head_but_not_the_base(trained_state):
+    cfg, out, frozen, head = trained_state
+    from models import load_actor_critic
+
+    trained = load_actor_critic(cfg.model, adapters=out / "checkpoints" / "iter_000001", device="cpu")
+    params = dict(trained.model.named_parameters())
+    for name, before in frozen.items():
+        torch.testing.assert_close(params[name].data, before, rtol=0, atol=0)
+    moved = [not torch.equal(v, head[k]) for k, v in trained.value_head.state_dict().items()]
+    assert any(moved)
+
+
+def test_resume_continues_exactly(small_tiny_dir, tmp_path):
+    straight = small_config(small_tiny_dir, tmp_path / "straight", iterations=2)
+    train.main(straight)
+    first = small_config(small_tiny_dir, tmp_path / "resumed", iterations=1)
+    train.main(first)
+    train.main(Config(resume=str(tmp_path / "resumed"), iterations=2))
+    a = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in b] == [0, 1]
+    for key in ("charts/episodic_return", "losses/policy_loss", "losses/value_loss", "objective/kl_ref"):
+        assert a[1][key] == pytest.approx(b[1][key], rel=1e-5, abs=1e-7), key
+    wa = load_file(tmp_path / "straight" / "checkpoints" / "iter_000002" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "resumed" / "checkpoints" / "iter_000002" / "adapter_model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-7)
+
+
+def _scripted_batch(actor_critic, chat, monkeypatch):
+    """A batch whose episodes hold tool output between two turns (a tool error, then a correct call)."""
+    from ppo import rollout
+
+    tasks = resolve_tasks(None, "train")[:2]
+    bad = (
+        "<tool_call>\n"
+        + json.dumps({"name": "calculator", "arguments": {"expression": "2 +"}})
+        + "\n</tool_call>"
+    )
+    turns = [[*chat.encode(bad), chat.end_of_turn_id]] * 2 + [
+        [*chat.encode("I give up."), chat.end_of_turn_id]
+    ] * 2
+    monkeypatch.setattr(
+        rollout, "generate_turn", lambda model, contexts, **kw: [turns.pop(0) for _ in contexts]
+    )
+    with make_env_pool(Config(), tasks, size=2) as pool:
+        return collect_rollouts(
+            actor_critic,
+            chat,
+            pool,
+            [t["id"] for t in tasks],
+            max_new_tokens=64,
+            max_context=2048,
+            temperature=1.0,
+        )
+
+
+def test_first_minibatch_ratio_is_one_and_tool_output_gets_no_gradient(small_tiny_dir, monkeypatch, tmp_path):
+    cfg = small_config(small_tiny_dir, tmp_path, num_episodes=2, minibatch_size=2, micro_batch_size=2)
+    torch.manual_seed(0)
+    actor_critic = load_policy(cfg)
+    chat = ChatFormat(actor_critic.tokenizer)
+    batch = _scripted_batch(actor_critic, chat, monkeypatch)
+    for e in batch.episodes:  # tool output sits between the two turns of every episode
+        assert e.statuses == ["tool_error", "structural_fail"]
+        mask = e.action_mask
+        first_end = mask.index(1) + mask[mask.index(1) :].index(0)
+        assert 1 in mask[first_end:]
+    data = train.compute_advantages(batch, train.score_rollouts(actor_critic, batch, 2, 1.0), cfg, 0.05)
+    captured = {}
+    forward = actor_critic.forward_train
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        for key in ("logprobs", "values", "entropy"):
+            out[key].retain_grad()
+        captured.setdefault("out", out)
+        return out
+
+    monkeypatch.setattr(actor_critic, "forward_train", spy)
+    stats_seen, rows_seen = [], []
+    policy_loss, micro_step = train.core.policy_loss, train._micro_step
+
+    def loss_spy(*args, **kwargs):
+        loss, stats = policy_loss(*args, **kwargs)
+        stats_seen.append(stats)
+        return loss, stats
+
+    def micro_spy(ac, b, d, rows, *args):
+        rows_seen.append(rows)
+        return micro_step(ac, b, d, rows, *args)
+
+    monkeypatch.setattr(train.core, "policy_loss", loss_spy)
+    monkeypatch.setattr(train, "_micro_step", micro_spy)
+    optimizer = build_optimizer(cfg, actor_critic)
+    train.ppo_update(actor_critic, optimizer, batch, data, cfg, torch.Generator().manual_seed(0))
+    first = stats_seen[0]
+    assert first["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert first["clipfrac"] == 0.0
+    out = captured["out"]
+    width = out["logprobs"].shape[1]
+    action = batch.action_mask[rows_seen[0], :width].bool()
+    for key in ("logprobs", "values"):
+        grad = out[key].grad
+        assert torch.all(grad[~action] == 0), key  # prompt, tool output and padding: exactly no gradient
+        assert grad[action].abs().sum() > 0, key

@@ -1,0 +1,134 @@
+"""The trainer's plumbing without a model: config and CLI, schedule, task order, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from ppo.checkpoint import TaskSampler, latest_checkpoint, load_trainer_state, save_checkpoint
+from ppo.config import PRESETS, Config, config_table, field_help, parse_args
+from ppo.monitor import MetricsLogger, episode_metrics
+from ppo.rollout import Episode, pad_episodes
+from ppo.setup import lr_factor
+
+
+def test_every_field_has_help_and_presets_validate():
+    helps = field_help()
+    assert set(helps) == {f.name for f in dataclasses.fields(Config)}
+    assert all(text.strip() for text in helps.values())
+    for preset in PRESETS.values():
+        preset.validate()
+    assert "|learning_rate|" in config_table(PRESETS["tiny"])
+
+
+def test_cli_overrides_the_preset():
+    cfg = parse_args(["--preset", "qwen3-1.7b", "--iterations", "3", "--no-adaptive-kl", "--dual-clip", "3"])
+    assert cfg.model == "Qwen/Qwen3-1.7B" and cfg.iterations == 3
+    assert cfg.adaptive_kl is False and cfg.dual_clip == 3.0
+    assert cfg.max_new_tokens == PRESETS["qwen3-1.7b"].max_new_tokens
+    assert parse_args(["--mcp-server", "none"]).mcp_server is None
+
+
+def test_cli_rejects_inconsistent_settings():
+    with pytest.raises(SystemExit, match="micro_batch_size"):
+        parse_args(["--minibatch-size", "4", "--micro-batch-size", "8"])
+    with pytest.raises(SystemExit, match="unknown preset"):
+        parse_args(["--preset", "huge"])
+
+
+def test_lr_schedule_by_hand():
+    cfg = Config(iterations=12, warmup_iterations=2, lr_schedule="linear")
+    # warmup: (it + 1) / (warmup + 1)
+    assert lr_factor(cfg, 0) == pytest.approx(1 / 3)
+    assert lr_factor(cfg, 1) == pytest.approx(2 / 3)
+    # then 1 - 0.9 * (it - 2) / 10
+    assert lr_factor(cfg, 2) == pytest.approx(1.0)
+    assert lr_factor(cfg, 7) == pytest.approx(0.55)
+    cos = dataclasses.replace(cfg, lr_schedule="cosine")
+    assert lr_factor(cos, 7) == pytest.approx(0.55)  # the cosine midpoint is the linear midpoint
+    assert lr_factor(cos, 12) == pytest.approx(0.1)
+
+
+def test_task_sampler_covers_each_pass_and_resumes_exactly():
+    ids = [f"t{i}" for i in range(10)]
+    sampler = TaskSampler(ids, seed=3)
+    first = sampler.sample(10)
+    assert sorted(first) == sorted(ids)  # one full pass before any repeat
+    sampler.sample(4)
+    state = json.loads(json.dumps(sampler.state_dict()))  # survives serialisation
+    expected = sampler.sample(17)
+    restored = TaskSampler(ids, seed=999)
+    restored.load_state_dict(state)
+    assert restored.sample(17) == expected
+
+
+class _FakePolicy:
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    def save_pretrained(self, directory):
+        (directory / "adapter_model.safetensors").write_bytes(b"weights")
+        if self.fail:
+            raise RuntimeError("disk full")
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    for it in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, it, _FakePolicy(), {"iteration": it}, keep=2)
+    assert latest_checkpoint(tmp_path).name == "iter_000004"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("iter_*")) == ["iter_000003", "iter_000004"]
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path, 5, _FakePolicy(fail=True), {"iteration": 5}, keep=2)
+    # the failed write left nothing behind and the pointer still names the last good checkpoint
+    assert latest_checkpoint(tmp_path).name == "iter_000004"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert load_trainer_state(latest_checkpoint(tmp_path))["iteration"] == 4
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        latest_checkpoint(tmp_path / "nowhere")
+
+
+def _episode(statuses, rewards, success, category="math"):
+    e = Episode("t", category, [1, 2, 3])
+    e.statuses, e.rewards, e.success = list(statuses), list(rewards), success
+    return e
+
+
+def test_episode_metrics_by_hand():
+    episodes = [
+        _episode(["invalid_json", "success"], [-0.8, 10.0], True),
+        _episode(["tool_error", "tool_execution", "structural_fail"], [-0.5, 0.0, -1.0], False),
+    ]
+    m = episode_metrics(episodes)
+    assert m["charts/success_rate"] == 0.5
+    assert m["charts/episodic_return"] == pytest.approx((9.2 - 1.5) / 2)
+    assert m["charts/episode_turns"] == 2.5
+    assert m["env/status/success"] == pytest.approx(1 / 5)
+    assert m["env/status/structural_fail"] == pytest.approx(1 / 5)
+    assert m["env/status/tool_execution"] == pytest.approx(1 / 5)
+
+
+def test_pad_episodes_right_pads_and_keeps_masks():
+    a = Episode("a", "m", [5, 6, 7])
+    a.extend([8, 9], is_action=True)
+    a.scores[-1] = 10.0
+    b = Episode("b", "m", [5])
+    t = pad_episodes([a, b], pad_id=0)
+    assert t["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 0, 0, 0, 0]]
+    assert t["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert t["action_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 0]]
+    assert t["scores"][0, 4] == 10.0 and t["scores"].sum() == 10.0
+
+
+def test_metrics_log_drops_iterations_redone_after_resume(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    for it in range(5):
+        logger.log(it, {"charts/success_rate": it / 10, "losses/x": float("nan")})
+    logger.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [0, 1, 2, 3, 4]
+    assert lines[0]["losses/x"] is None  # non-finite values are written as null, never as invalid JSON
+    MetricsLogger(tmp_path, start_iteration=3).close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [0, 1, 2]
