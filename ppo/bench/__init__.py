@@ -1,0 +1,174 @@
+"""Rollout, update and memory benchmark: ``python -m ppo.bench [--json PATH] [--quick] [--gpu-only]``.
+
+Models (random weights, Qwen3-shaped, saved to a temporary folder and loaded through `models.load_actor_critic`
+exactly as training loads them, NF4 base + LoRA): the ``tiny`` preset and a ~100M-parameter "mid" model on the
+CPU; a Qwen3-1.7B-shaped model on the GPU when one is present. Measured, each side by side in one run:
+
+- rollout throughput (generated tokens/s): `ppo.generation.generate_turn` on 16 episodes at once, against plain
+  Hugging Face ``generate`` one episode at a time (and batched ``generate``, and the merged-LoRA variant);
+- update throughput (tokens/s through ``ActorCritic.forward_train`` + backward + optimizer step);
+- memory: the trainer's layout (one NF4 base, policy and critic adapters, value head, optimizer state after a
+  step) against the policy alone and against three independently loaded copies (policy, reference, critic),
+  as the bytes of every tensor's storage (exact) and as the growth of the process's resident memory.
+
+Imports nothing from ``env`` or ``mcp_mock`` (the GPU machine has neither gymnasium nor mcp).
+Letters: B rows, T token positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppo.bench.measure import (
+    MID_SHAPE,
+    TOKENIZER_TEXT,
+    GiB,
+    Recorder,
+    build_random_model,
+    load,
+    log,
+    machine_info,
+    make_optimizer,
+    memory_layouts,
+    peak_rss_bytes,
+    random_contexts,
+    rollout_throughput,
+    tensor_bytes,
+    update_throughput,
+)
+
+__all__ = ["main", "tensor_bytes"]
+
+
+def cpu_model_section(
+    rec: Recorder, path: Path, *, episodes: int, prompt: int, new_tokens: int, quick: bool
+) -> dict[str, Any]:
+    """Rollout and update throughput of one model on the CPU."""
+    ac = load(path, device="cpu")
+    contexts = random_contexts(episodes, prompt, ac.config.vocab_size)
+    out: dict[str, Any] = {"parameters": sum(p.numel() for p in ac.model.get_base_model().parameters())}
+    roll = rec.attempt(out, "rollout", lambda: rollout_throughput(ac, contexts, new_tokens, per_episode=True))
+    if "per_episode_hf_generate" in roll:
+        baseline = roll["per_episode_hf_generate"]["tokens_per_s"]
+        # generate_turn's default on a 4-bit base is the merged copy: that is what training runs.
+        out["rollout_speedup_vs_per_episode"] = roll["batched_merged"]["tokens_per_s"] / baseline
+        out["rollout_speedup_unmerged_vs_per_episode"] = roll["batched"]["tokens_per_s"] / baseline
+    batch, length = (4, 32) if quick else (8, 128)
+    rec.attempt(out, "update", lambda: update_throughput(ac, make_optimizer(ac), batch, length, micro=4))
+    return out
+
+
+def run_cpu(rec: Recorder, workdir: Path, quick: bool) -> None:
+    """The tiny preset and the mid-size model on the CPU, plus the memory layouts of the mid-size model."""
+    from models.tiny import build_tiny, ensure_tiny
+
+    # Short prompts: the figure is decode throughput (a prompt's prefill costs the same batched or not).
+    episodes, prompt, new_tokens = (4, 16, 8) if quick else (16, 32, 64)
+    log("cpu: tiny preset")
+    small = {
+        "texts": [TOKENIZER_TEXT] * 4,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+    }
+    tiny = build_tiny(workdir / "tiny", **small) if quick else ensure_tiny()
+    results = rec.results
+    cpu = results.setdefault("cpu", {})
+    sizes = {"episodes": episodes, "prompt": prompt, "new_tokens": new_tokens, "quick": quick}
+    rec.attempt(cpu, "tiny", lambda: cpu_model_section(rec, tiny, **sizes))
+    quick_shape = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256, "vocab_size": 1024}
+    shape = {**MID_SHAPE, **quick_shape} if quick else MID_SHAPE
+    log(f"cpu: mid-size model {shape}")
+    mid = build_random_model(workdir / "mid", shape)
+    mid_out = rec.attempt(cpu, "mid", lambda: cpu_model_section(rec, mid, **sizes))
+    memory = rec.attempt(cpu, "memory", lambda: memory_layouts(mid))
+    results["rollout_speedup_vs_per_episode"] = mid_out.get("rollout_speedup_vs_per_episode")
+    if "trainer" in memory:
+        results["memory_ratio_vs_policy_alone"] = memory["trainer"]["ratio_vs_policy_alone"]
+        results["memory_ratio_three_copies"] = memory["three_copies"]["ratio_vs_policy_alone"]
+    cpu["peak_rss_gb"] = peak_rss_bytes() / GiB
+    rec.save()
+
+
+# ----- report ---------------------------------------------------------------------------------------------
+
+
+def summarize(results: dict[str, Any]) -> None:
+    """Headline GPU figures (None where their measurement failed).
+
+    ``ppo_iteration_peak_gb`` is the largest peak of the iteration's phases with the default rollout engine
+    (merged copy); ``ppo_iteration_peak_gb_nf4_rollout`` the same with the rollout on the 4-bit base.
+    """
+    gpu = results.get("gpu")
+    if gpu is None:
+        return
+    it = gpu.get("ppo_iteration", {})
+
+    def figure(phase: str, key: str) -> float | None:
+        value = it.get(phase, {})
+        return value.get(key) if isinstance(value, dict) else None
+
+    train_peaks = [figure(p, "peak_gb") for p in ("scoring", "update")]
+    for name, engine in (("", "rollout_merged"), ("_nf4_rollout", "rollout_nf4_lora")):
+        peaks = [figure(engine, "peak_gb"), *train_peaks]
+        gpu[f"ppo_iteration_peak_gb{name}"] = max(peaks) if None not in peaks else None
+    rates = [figure(e, "tokens_per_s") for e in ("rollout_merged", "rollout_nf4_lora")]
+    gpu["rollout_tokens_per_s"] = max((r for r in rates if r is not None), default=None)
+
+
+def table(results: dict[str, Any]) -> str:
+    """The figures as aligned ``name  value`` lines, nested keys joined by dots."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, float):
+            rows.append((prefix, f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"))
+        else:
+            rows.append((prefix, str(value)))
+
+    walk("", results)
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table and write the JSON. Returns the results."""
+    parser = argparse.ArgumentParser(prog="python -m ppo.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds): for tests")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU measurements")
+    args = parser.parse_args(argv)
+    rec = Recorder(args.json)
+    results = rec.results
+    results.update(machine=machine_info(), quick=args.quick)
+    for key in (
+        "rollout_speedup_vs_per_episode",
+        "memory_ratio_vs_policy_alone",
+        "memory_ratio_three_copies",
+    ):
+        results[key] = None
+    workdir = Path(tempfile.mkdtemp(prefix="qwen-tool-bench-"))
+    try:
+        if not args.gpu_only:
+            run_cpu(rec, workdir, args.quick)
+        if torch.cuda.is_available():
+            from ppo.bench.gpu import run_gpu
+
+            run_gpu(rec, workdir, args.quick)
+        elif args.gpu_only:
+            log("no GPU: --gpu-only measured nothing")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        summarize(results)
+        rec.save()
+        print(table(results), flush=True)
+    return results

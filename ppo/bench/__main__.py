@@ -1,0 +1,5 @@
+"""``python -m ppo.bench``."""
+
+from ppo.bench import main
+
+main()
