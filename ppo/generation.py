@@ -86,8 +86,11 @@ def _decode(
     logprobs: list[list[float]] = [[] for _ in range(batch)]
     alive = torch.arange(batch)  # original row of each row still in the batch
     positions = position_ids_from_mask(attention_mask)  # (B, T)
-    cache_kw = {_cache_argument(model): DynamicCache(config=model.config)}
-    cache = next(iter(cache_kw.values()))
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # transformers before 4.56 builds its layers lazily, without a config
+        cache = DynamicCache()
+    cache_kw = {_cache_argument(model): cache}
     step_ids, step_pos = input_ids, positions
     for step in range(max_new_tokens):
         out = model(
@@ -209,8 +212,8 @@ def merged_copy(model: nn.Module) -> nn.Module:
         return model
     config = base.config.__class__.from_dict(base.config.to_dict())
     config.quantization_config = None
-    device = base.get_input_embeddings().weight.device
-    with torch.device(device):
+    # Built on the meta device: no random initialisation, no second full-size allocation before the assignment.
+    with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(config, dtype=dtype)
     result = copy.load_state_dict(merged, strict=False, assign=True)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -219,6 +222,14 @@ def merged_copy(model: nn.Module) -> nn.Module:
             f"merging the adapter into a plain copy left weights unset: {sorted(result.missing_keys)[:3]}"
         )
     copy.tie_weights()
+    # Buffers (e.g. the rotary inverse frequencies, not in any state dict) are shared with the base.
+    shared = dict(base.named_buffers())
+    for name, _ in list(copy.named_buffers()):
+        if name in shared:
+            owner, _, leaf = name.rpartition(".")
+            setattr(copy.get_submodule(owner), leaf, shared[name])
+    if any(t.is_meta for t in (*copy.parameters(), *copy.buffers())):
+        raise RuntimeError("merging the adapter into a plain copy left tensors on the meta device.")
     return copy.eval()
 
 
