@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.prefix import MIN_SHARED_PREFIX, hidden_with_shared_prefix, shared_prefix_length
 from models.scoring import position_ids_from_mask, token_logprobs, token_values
 
 POLICY = "policy"
@@ -41,6 +42,8 @@ class ActorCritic(nn.Module):
         self.config = model.config
         self.critic_mode = critic
         self.settings = settings
+        # Compute the prefix all rows share (the system turn with the tools) once per pass; see models.prefix.
+        self.share_prefix = True
         device = model.get_input_embeddings().weight.device
         self.value_head = nn.Linear(self.config.hidden_size, 1, device=device, dtype=torch.float32)
         # Small weights: initial values near 0 (not swamping the first targets), yet a nonzero gradient
@@ -118,15 +121,37 @@ class ActorCritic(nn.Module):
                 f"and {tuple(attention_mask.shape)}."
             )
         decoder = self.model.get_base_model().model
-        out = decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
-        hidden = out.last_hidden_state  # (B, T, H)
+        prefix_len = self._prefix_to_share(input_ids, attention_mask)
+        if prefix_len:
+            hidden = hidden_with_shared_prefix(decoder, input_ids, attention_mask, prefix_len)
+        else:
+            out = decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+            hidden = out.last_hidden_state  # (B, T, H)
         # Padded rows can hold NaN (a query with no visible key); zero them so 0 * NaN never reaches grads.
         return torch.where(attention_mask.bool().unsqueeze(-1), hidden, 0.0)
+
+    def _prefix_to_share(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        """How many leading tokens to compute once for all rows (0: a plain batched pass).
+
+        Never under activation checkpointing, for scoring either: rollout scoring and the update must take
+        the same path, so that the PPO ratio is exactly 1 before the first update.
+        """
+        if not self.share_prefix or input_ids.shape[0] < 2 or self._checkpointing():
+            return 0
+        length = shared_prefix_length(input_ids, attention_mask)
+        return length if length >= MIN_SHARED_PREFIX else 0
+
+    def _checkpointing(self) -> bool:
+        base = self.model.get_base_model()
+        flag = getattr(base, "is_activation_checkpointing", None)
+        if flag is None:
+            flag = getattr(base, "is_gradient_checkpointing", False)
+        return bool(flag() if callable(flag) else flag)
 
     def _logprobs(
         self, hidden: torch.Tensor, input_ids, attention_mask, **kw: Any

@@ -40,8 +40,8 @@ class Config:
     """LoRA dropout; 0 keeps the PPO ratio exactly 1 before the first update"""
     critic: str = "separate"
     """critic adapter: separate (its own LoRA, value gradients never touch the policy) or shared"""
-    gradient_checkpointing: bool = True
-    """recompute activations in the backward pass (memory for compute)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (memory for compute); off, the tool prefix is computed once"""
     device: str | None = None
     """torch device; None: cuda when available, else cpu"""
 
@@ -189,6 +189,7 @@ PRESETS: dict[str, Config] = {
     "qwen3-1.7b": Config(
         preset="qwen3-1.7b",
         model="Qwen/Qwen3-1.7B",
+        gradient_checkpointing=True,
         warmstart=False,
         num_episodes=32,
         max_new_tokens=512,

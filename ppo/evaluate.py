@@ -55,7 +55,7 @@ def evaluate(actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64)
 
 def format_table(result: dict) -> str:
     """The evaluation as a Markdown table: one row per category and one for all tasks."""
-    head = "| category | episodes | success | " + " | ".join(STATUSES) + " |"
+    head = "| category | episodes | success rate | " + " | ".join(STATUSES) + " |"
     rule = "|" + "---|" * (3 + len(STATUSES))
     rows = [head, rule]
     for name, c in result["per_category"].items():

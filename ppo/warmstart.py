@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 MISTAKES = ("invalid_json", "invented_tool", "wrong_type")
-WARMSTART_VERSION = "w1"
+WARMSTART_VERSION = "w2"
 
 
 def call_text(name: str, arguments: dict) -> str:
@@ -120,9 +120,24 @@ def build_demonstrations(chat, tasks: list[dict], error_fraction: float, seed: i
     return demos
 
 
-def supervised_finetune(
-    model, demos, pad_id: int, *, epochs: int, lr: float, batch_size: int, seed: int
-) -> None:
+def sft_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the labelled tokens (B, T), the prefix all rows share computed once."""
+    from models.prefix import MIN_SHARED_PREFIX, hidden_with_shared_prefix, shared_prefix_length
+
+    decoder = model.get_decoder()
+    prefix = shared_prefix_length(ids, attn)
+    if prefix >= MIN_SHARED_PREFIX:
+        hidden = hidden_with_shared_prefix(decoder, ids, attn, prefix)
+    else:
+        hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+    # Only the labelled positions go through the vocabulary projection: the loss covers ~10% of tokens.
+    targets = labels[:, 1:]  # token t is predicted from the hidden state at t - 1
+    keep = targets != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+def supervised_finetune(model, demos, pad_id: int, *, epochs: int, lr: float, batch_size: int, seed: int) -> None:
     """Full fine-tuning with AdamW on the assistant tokens of the demonstrations."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -141,14 +156,14 @@ def supervised_finetune(
                 ids[r, : len(seq)] = torch.tensor(seq)
                 attn[r, : len(seq)] = 1
                 labels[r, : len(seq)] = torch.where(torch.tensor(mask) == 1, torch.tensor(seq), -100)
-            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            loss = sft_loss(model, ids, attn, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             step += 1
-            if step % 20 == 0 or step == steps:
+            if step % 50 == 0 or step == steps:
                 print(
                     f"warm start: epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss.item():.3f} "
                     f"({time.perf_counter() - started:.0f}s)",
