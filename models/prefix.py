@@ -51,7 +51,7 @@ def hidden_with_shared_prefix(
     positions computed once for all rows."""
     from transformers import DynamicCache
 
-    batch, width = input_ids.shape
+    batch = input_ids.shape[0]
     name = _cache_kwarg(decoder)
     prefix = decoder(input_ids=input_ids[:1, :prefix_len], use_cache=True)  # (1, P, H) and its KV cache
     prefix_cache = prefix.cache if name == "cache" else prefix.past_key_values

@@ -137,7 +137,9 @@ def sft_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor)
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
-def supervised_finetune(model, demos, pad_id: int, *, epochs: int, lr: float, batch_size: int, seed: int) -> None:
+def supervised_finetune(
+    model, demos, pad_id: int, *, epochs: int, lr: float, batch_size: int, seed: int
+) -> None:
     """Full fine-tuning with AdamW on the assistant tokens of the demonstrations."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
