@@ -36,6 +36,7 @@ from ppo.bench.measure import (
     machine_info,
     make_optimizer,
     memory_layouts,
+    parameter_count,
     peak_rss_bytes,
     random_contexts,
     rollout_throughput,
@@ -52,7 +53,7 @@ def cpu_model_section(
     """Rollout and update throughput of one model on the CPU."""
     ac = load(path, device="cpu")
     contexts = random_contexts(episodes, prompt, ac.config.vocab_size)
-    out: dict[str, Any] = {"parameters": sum(p.numel() for p in ac.model.get_base_model().parameters())}
+    out: dict[str, Any] = {"parameters": parameter_count(ac.model.get_base_model())}
     roll = rec.attempt(out, "rollout", lambda: rollout_throughput(ac, contexts, new_tokens, per_episode=True))
     if "per_episode_hf_generate" in roll:
         baseline = roll["per_episode_hf_generate"]["tokens_per_s"]

@@ -95,6 +95,18 @@ def _quant_state_tensors(state: Any) -> Iterable[torch.Tensor]:
     yield from _quant_state_tensors(getattr(state, "state2", None))
 
 
+def parameter_count(module: torch.nn.Module) -> int:
+    """Parameters of `module` without LoRA adapters, a 4-bit weight counted by its logical shape (its storage
+    packs two per byte)."""
+    total = 0
+    for name, p in module.named_parameters():
+        if "lora_" in name:
+            continue
+        state = getattr(p, "quant_state", None)
+        total += math.prod(state.shape) if state is not None else p.numel()
+    return total
+
+
 def tensor_bytes(modules: Iterable[torch.nn.Module], optimizers: Iterable[torch.optim.Optimizer] = ()) -> int:
     """Bytes of every distinct storage behind the modules' parameters, buffers, 4-bit quantization states and
     the optimizers' state (shared storages, e.g. tied embeddings, count once)."""
