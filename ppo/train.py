@@ -50,8 +50,9 @@ def seed_everything(seed: int) -> None:
 def score_rollouts(actor_critic, batch: RolloutBatch, micro_batch_size: int, temperature: float) -> dict:
     """Old log-probs, reference log-probs and values of every token, micro-batch by micro-batch. (B, T) each."""
     out = {"old_logprobs": [], "ref_logprobs": [], "old_values": []}
+    device = next(actor_critic.model.parameters()).device
     for rows in torch.arange(len(batch)).split(micro_batch_size):
-        ids, attn = _trimmed(batch.input_ids[rows], batch.attention_mask[rows])
+        ids, attn = (t.to(device) for t in _trimmed(batch.input_ids[rows], batch.attention_mask[rows]))
         out["old_logprobs"].append(
             actor_critic.score(ids, attn, temperature=temperature, role="policy")["logprobs"]
         )
