@@ -47,21 +47,26 @@ class EnvPool:
     def reset(
         self, task_ids: list[str] | None = None, seed: int | None = None
     ) -> list[tuple[str, dict[str, Any]]]:
-        """Reset every env (env i on ``task_ids[i]`` when given; env i seeded with ``seed + i``)."""
-        if task_ids is not None and len(task_ids) != len(self.envs):
+        """Reset the envs: env i on ``task_ids[i]`` when given, env i seeded with ``seed + i``.
+
+        With fewer task ids than envs only the first ``len(task_ids)`` envs are reset (the last, smaller
+        batch of an evaluation); the others stay idle.
+        """
+        if task_ids is not None and len(task_ids) > len(self.envs):
             raise ValueError(f"reset() got {len(task_ids)} task ids for {len(self.envs)} envs")
+        envs = self.envs if task_ids is None else self.envs[: len(task_ids)]
         picked = []
-        for i, env in enumerate(self.envs):
+        for i, env in enumerate(envs):
             options = None if task_ids is None else {"task_id": task_ids[i]}
             picked.append(env._pick_task(None if seed is None else seed + i, options))
-        self._gather([env._astart_session for env in self.envs])
-        return [env._begin(task) for env, task in zip(self.envs, picked, strict=True)]
+        self._gather([env._astart_session for env in envs])
+        return [env._begin(task) for env, task in zip(envs, picked, strict=True)]
 
     def step(self, texts: Sequence[str | None]) -> list[StepResult | None]:
-        """Step env i with ``texts[i]`` concurrently; a None text leaves env i idle and gives None."""
-        if len(texts) != len(self.envs):
+        """Step env i with ``texts[i]`` concurrently; a None text (or none at all) leaves env i idle."""
+        if len(texts) > len(self.envs):
             raise ValueError(f"step() got {len(texts)} texts for {len(self.envs)} envs")
-        active = [(env, text) for env, text in zip(self.envs, texts, strict=True) if text is not None]
+        active = [(env, text) for env, text in zip(self.envs, texts, strict=False) if text is not None]
         for env, text in active:
             env._check_can_step(text)
         results = iter(self._gather([_bind(env._astep, text) for env, text in active]))

@@ -37,10 +37,17 @@ def _db(ctx: Context) -> db.ShopDB:
     return ctx.request_context.lifespan_context.get(headers.get("mcp-session-id"))
 
 
-def create_server() -> MCPServer:
-    """A fresh server with its own state, for in-process clients (`mcp.Client(create_server())`)."""
+def create_server(log_level: str = "WARNING") -> MCPServer:
+    """A fresh server with its own state, for in-process clients (`mcp.Client(create_server())`).
+
+    Failed tool calls are what a policy in training makes all the time, so the SDK's per-failure INFO lines
+    are off by default (they would flood the trainer's console).
+    """
     mcp = MCPServer(
-        "mcp-mock", instructions="Math, web search, shop database and data tools.", lifespan=_lifespan
+        "mcp-mock",
+        instructions="Math, web search, shop database and data tools.",
+        lifespan=_lifespan,
+        log_level=log_level,
     )
     tool = mcp.tool(structured_output=False)
 

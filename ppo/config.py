@@ -122,7 +122,7 @@ class Config:
     # --- warm start (tiny preset) --------------------------------------------------------------------
     warmstart: bool = True
     """tiny preset: build and warm-start the model by imitation when it is not cached"""
-    sft_epochs: int = 3
+    sft_epochs: int = 12
     """passes over the demonstrations in the warm start"""
     sft_error_fraction: float = 0.35
     """share of demonstrations that make a mistake (bad JSON, invented tool, wrong types) and then correct it"""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ppo import core
 from ppo import distributed as dist
@@ -161,6 +162,7 @@ def main(cfg: Config) -> dict:
     rank, world = dist.init()
     cfg, output_dir, resume_from = _prepare_run(cfg)
     seed_everything(cfg.seed + rank)
+    tasks = resolve_tasks(cfg.tasks, split="train")  # before the model: a bad task file fails in a second
     actor_critic = load_policy(cfg, device=dist.local_device())
     dist.broadcast_parameters(actor_critic.policy_parameters() + actor_critic.critic_parameters())
     chat = ChatFormat(actor_critic.tokenizer)
@@ -171,7 +173,6 @@ def main(cfg: Config) -> dict:
         if cfg.adaptive_kl
         else core.FixedKLController(cfg.init_kl_coef)
     )
-    tasks = resolve_tasks(cfg.tasks, split="train")
     shard = tasks[rank::world]  # each rank owns a disjoint shard of the tasks
     if not shard:
         raise ValueError(f"{len(tasks)} task(s) cannot be shared among {world} ranks")
@@ -186,14 +187,18 @@ def main(cfg: Config) -> dict:
     if dist.is_main():
         print(config_table(cfg) if start == 0 else f"output: {output_dir}", flush=True)
     metrics: dict = {}
+    progress = tqdm(
+        range(start, cfg.iterations), desc="PPO", unit="it", initial=start, total=cfg.iterations,
+        disable=not dist.is_main(), dynamic_ncols=True,
+    )  # fmt: skip
     with make_env_pool(cfg, shard) as pool:
-        for iteration in range(start, cfg.iterations):
+        for iteration in progress:
             metrics = run_iteration(
                 iteration, cfg, actor_critic, chat, pool, sampler, optimizer, kl_ctl, logger
             )
             scheduler.step()
             if dist.is_main():
-                print(summary_line(iteration, cfg.iterations, metrics), flush=True)
+                progress.write(summary_line(iteration, cfg.iterations, metrics))
             done = iteration + 1
             if done % cfg.save_every == 0 or done == cfg.iterations:
                 _save(output_dir, done, cfg, actor_critic, optimizer, scheduler, kl_ctl, sampler)
@@ -328,9 +333,16 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def cli(argv: list[str] | None = None) -> None:
+    from env import ServerStartError, TaskError
+    from models import ModelLoadError
+
     cfg = parse_args(argv)
     try:
         main(cfg)
+    except (ModelLoadError, ServerStartError, TaskError, FileNotFoundError) as err:
+        # Errors about the user's inputs: one clear sentence, not a stack trace from deep inside.
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; continue with --resume", file=sys.stderr)
         raise SystemExit(130) from None

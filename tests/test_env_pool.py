@@ -43,8 +43,15 @@ def test_pool_reset_step_and_idle_envs():
         assert [r[1] for r in results[:2]] == [10.0, 10.0]
         with pytest.raises(RuntimeError, match="after the episode ended"):
             pool.step([add, None, None])
-        with pytest.raises(ValueError, match="got 2 texts for 3 envs"):
-            pool.step([None, None])
+        with pytest.raises(ValueError, match="got 4 texts for 3 envs"):
+            pool.step([None, None, None, None])
+        # a smaller last batch: only the first envs are reset and stepped, the rest stay idle
+        partial = pool.reset(task_ids=["greet"])
+        assert [obs for obs, _ in partial] == ["Say hello."]
+        (result,) = pool.step(["hello!"])
+        assert result[4]["status"] == "success"
+        with pytest.raises(ValueError, match="got 4 task ids for 3 envs"):
+            pool.reset(task_ids=["add"] * 4)
         seeded = [info["task_id"] for _, info in pool.reset(seed=5)]
         assert seeded == [info["task_id"] for _, info in pool.reset(seed=5)]
 

@@ -132,3 +132,30 @@ def test_metrics_log_drops_iterations_redone_after_resume(tmp_path):
     MetricsLogger(tmp_path, start_iteration=3).close()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [0, 1, 2]
+
+
+def test_cli_reports_bad_inputs_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad_tasks = tmp_path / "tasks.jsonl"
+    bad_tasks.write_text('{"id": "a", "prompt": "x", "success": {"tool": "calculator"}}\nnot json\n')
+    for flags, message in (
+        (["--model", str(tmp_path / "no-such-model")], "no-such-model"),
+        (["--model", str(tmp_path / "no-such-model"), "--tasks", str(bad_tasks)], "line 2"),
+    ):
+        cmd = [
+            sys.executable,
+            "-m",
+            "ppo.train",
+            *flags,
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--iterations",
+            "1",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr
+        last = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(last) == 1 and message in last[0]
