@@ -174,6 +174,10 @@ class Config:
                 "need 0 < micro_batch_size <= minibatch_size <= num_episodes",
             ),
             (self.temperature > 0, "temperature must be > 0"),
+            (
+                self.max_new_tokens > 0 and self.max_context > self.max_new_tokens,
+                "need 0 < max_new_tokens < max_context",
+            ),
             (self.dual_clip is None or self.dual_clip > 1, "dual_clip must be > 1 (or None)"),
             (0 <= self.sft_error_fraction < 1, "sft_error_fraction must be in [0, 1)"),
         ]

@@ -226,8 +226,8 @@ def collect_rollouts(
 def _record_turn(chat: ChatFormat, episode: Episode, turn: list[int], result: tuple[Any, ...]) -> None:
     """Append a sampled turn (and, if the episode goes on, the tool-response suffix) to an episode."""
     _obs, reward, terminated, truncated, info = result
-    if not turn:  # an empty turn still needs a token to carry its reward: it is the end-of-turn token
-        turn = [chat.end_of_turn_id]
+    if not turn:
+        raise ValueError("the sampler returned an empty turn; max_new_tokens must be at least 1")
     episode.extend(turn, is_action=True)
     episode.scores[-1] += float(reward)
     episode.rewards.append(float(reward))
