@@ -32,10 +32,21 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return min(length, input_ids.shape[1] - 1)
 
 
-def _cache_kwarg(decoder) -> str:
-    """transformers 5 calls the KV-cache argument ``cache``; 4.x called it ``past_key_values``."""
-    params = inspect.signature(decoder.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+def cache_argument(model) -> str:
+    """Name of the KV-cache argument of ``model.forward`` (a peft wrapper is looked through): transformers 5
+    calls it ``cache``; 4.x called it ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def new_cache(config):
+    """An empty ``DynamicCache`` for a model of ``config``."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # transformers before 4.56 builds its layers lazily, without a config
+        return DynamicCache()
 
 
 def _layer_kv(cache, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,13 +60,11 @@ def hidden_with_shared_prefix(
 ) -> torch.Tensor:
     """Final hidden states (B, T, H) of ``decoder`` (a transformers base model), the first ``prefix_len``
     positions computed once for all rows."""
-    from transformers import DynamicCache
-
     batch = input_ids.shape[0]
-    name = _cache_kwarg(decoder)
+    name = cache_argument(decoder)
     prefix = decoder(input_ids=input_ids[:1, :prefix_len], use_cache=True)  # (1, P, H) and its KV cache
     prefix_cache = prefix.cache if name == "cache" else prefix.past_key_values
-    cache = DynamicCache(config=decoder.config)
+    cache = new_cache(decoder.config)
     for index in range(len(decoder.layers)):
         keys, values = _layer_kv(prefix_cache, index)
         cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)

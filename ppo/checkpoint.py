@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,18 +65,31 @@ def save_checkpoint(
     """Write checkpoint ``iteration`` (the number of iterations done) atomically; keep the newest ``keep``."""
     final = checkpoint_dir(output_dir, iteration)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+
+    def write(folder: Path) -> None:
+        actor_critic.save_pretrained(folder)
+        torch.save(trainer_state, folder / "trainer_state.pt")
+
+    write_folder_atomically(final, write)
+    _write_atomic(final.parent / "latest", final.name)
+    _prune(final.parent, keep)
+    return final
+
+
+def write_folder_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling of ``final`` with ``write(folder)``, then rename it into place.
+
+    A crash or an error mid-write leaves no partial ``final`` (and removes the temporary folder).
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        actor_critic.save_pretrained(tmp)
-        torch.save(trainer_state, tmp / "trainer_state.pt")
+        write(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(final.parent / "latest", final.name)
-    _prune(final.parent, keep)
     return final
 
 

@@ -24,12 +24,12 @@ bf16 rounding of the merged weights moved log-probs by up to 0.135 nats (``merge
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from models.prefix import cache_argument, new_cache
 from models.scoring import position_ids_from_mask
 
 
@@ -80,18 +80,13 @@ def _decode(
     generator: torch.Generator | None,
 ) -> TurnSample:
     """The decoding loop over a left-padded (B, T) batch, see the module docstring."""
-    from transformers import DynamicCache
-
     batch = input_ids.shape[0]
     tokens: list[list[int]] = [[] for _ in range(batch)]
     logprobs: list[list[float]] = [[] for _ in range(batch)]
     alive = torch.arange(batch)  # original row of each row still in the batch
     positions = position_ids_from_mask(attention_mask)  # (B, T)
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # transformers before 4.56 builds its layers lazily, without a config
-        cache = DynamicCache()
-    cache_kw = {_cache_argument(model): cache}
+    cache = new_cache(model.config)
+    cache_kw = {cache_argument(model): cache}
     step_ids, step_pos = input_ids, positions
     for step in range(max_new_tokens):
         out = model(
@@ -119,12 +114,6 @@ def _decode(
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((alive.numel(), 1))], dim=1)
         step_ids, step_pos = new.unsqueeze(-1), step_pos[:, -1:] + 1  # (B, 1) each
     return TurnSample(tokens, logprobs)
-
-
-def _cache_argument(model: nn.Module) -> str:
-    """Name of the KV-cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def sample_turn(

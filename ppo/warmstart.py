@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -193,6 +190,7 @@ def ensure_warm_start(base: str | Path, cfg) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ppo.checkpoint import write_folder_atomically
     from ppo.rollout import ChatFormat
     from ppo.setup import resolve_tasks
 
@@ -209,14 +207,9 @@ def ensure_warm_start(base: str | Path, cfg) -> Path:
     supervised_finetune(
         model, demos, chat.pad_id, epochs=cfg.sft_epochs, lr=2e-3, batch_size=16, seed=cfg.seed
     )
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-warm-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_folder_atomically(out, write)
