@@ -66,6 +66,11 @@ class Config:
     """token budget of a whole episode; an episode that would outgrow it is cut and counted"""
     temperature: float = 1.0
     """sampling temperature; log-probs are recomputed at the same temperature"""
+    engine: str = "static"
+    """static (merged copy, one KV cache per rollout, CUDA graphs on a GPU; Qwen3/Qwen2/Llama) or loop
+    (Hugging Face forward, any architecture); see ppo/engine.py"""
+    cuda_graphs: bool = True
+    """replay each decoding step of the static engine as a CUDA graph (GPU only)"""
 
     # --- PPO -----------------------------------------------------------------------------------------
     iterations: int = 25
@@ -160,6 +165,7 @@ class Config:
                 f"critic must be separate or shared, not {self.critic!r}",
             ),
             (self.kl_kind in ("k1", "k2", "k3"), f"kl_kind must be k1, k2 or k3, not {self.kl_kind!r}"),
+            (self.engine in ("static", "loop"), f"engine must be static or loop, not {self.engine!r}"),
             (
                 self.lr_schedule in ("constant", "linear", "cosine"),
                 f"unknown lr_schedule {self.lr_schedule!r}",

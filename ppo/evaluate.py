@@ -38,6 +38,8 @@ def evaluate(actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64)
                 chunk,
                 max_new_tokens=cfg.max_new_tokens,
                 max_context=cfg.max_context,
+                engine=cfg.engine,
+                cuda_graphs=cfg.cuda_graphs,
                 temperature=0.0,
             )
             episodes += batch.episodes

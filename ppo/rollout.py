@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ppo.generation import generate_turn
+from ppo.engine import make_engine
 
 SENTINEL = "\u2063qwen-tool-turn-end\u2063"
 
@@ -170,8 +170,14 @@ def collect_rollouts(
     max_new_tokens: int,
     max_context: int,
     temperature: float,
+    engine: str = "static",
+    cuda_graphs: bool = True,
 ) -> RolloutBatch:
-    """Play one episode per task id on the env pool, all episodes advancing one turn at a time together."""
+    """Play one episode per task id on the env pool, all episodes advancing one turn at a time together.
+
+    ``engine`` samples the turns (see `ppo.engine`): built once for the rollout, so a turn feeds only the tokens
+    appended since the episode's previous turn.
+    """
     resets = pool.reset(task_ids=task_ids)
     episodes = []
     for (_obs, info), task_id in zip(resets, task_ids, strict=True):
@@ -179,10 +185,21 @@ def collect_rollouts(
         episodes.append(
             Episode(task_id, str(info["task"].get("category", "")), ids, messages=info["messages"])
         )
-    gen_tokens, gen_seconds, env_seconds = 0, 0.0, 0.0
+    gen_tokens, env_seconds = 0, 0.0
     model = actor_critic.model
     was_training = model.training
     model.eval()
+    start = time.perf_counter()
+    with actor_critic.policy():
+        runner = make_engine(
+            model,
+            kind=engine,
+            rows=len(episodes),
+            max_context=max_context,
+            pad_id=chat.pad_id,
+            cuda_graphs=cuda_graphs,
+        )
+    gen_seconds = time.perf_counter() - start
     try:
         while True:
             for e in episodes:
@@ -193,14 +210,13 @@ def collect_rollouts(
                 break
             start = time.perf_counter()
             with actor_critic.policy():
-                turns = generate_turn(
-                    model,
+                turns = runner.sample(
+                    active,
                     [episodes[i].ids for i in active],
                     max_new_tokens=max_new_tokens,
                     temperature=temperature,
                     end_of_turn_id=chat.end_of_turn_id,
-                    pad_id=chat.pad_id,
-                )
+                ).tokens
             gen_seconds += time.perf_counter() - start
             gen_tokens += sum(len(t) for t in turns)
             texts: list[str | None] = [None] * len(episodes)
@@ -212,6 +228,7 @@ def collect_rollouts(
             for i, turn in zip(active, turns, strict=True):
                 _record_turn(chat, episodes[i], turn, results[i])
     finally:
+        runner.close()
         model.train(was_training)
     tensors = pad_episodes(episodes, chat.pad_id)
     return RolloutBatch(

@@ -239,6 +239,8 @@ def run_iteration(iteration, cfg, actor_critic, chat, pool, sampler, optimizer, 
         sampler.sample(cfg.num_episodes),
         max_new_tokens=cfg.max_new_tokens,
         max_context=cfg.max_context,
+        engine=cfg.engine,
+        cuda_graphs=cfg.cuda_graphs,
         temperature=cfg.temperature,
     )
     data = score_rollouts(actor_critic, batch, cfg.micro_batch_size, cfg.temperature)

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from env import EnvPool
 from ppo import rollout
+from ppo.generation import TurnSample
 from ppo.rollout import ChatFormat, collect_rollouts
 
 TASKS = [
@@ -47,9 +48,17 @@ class ScriptedPolicy:
     def policy(self):
         return contextlib.nullcontext(self)
 
-    def generate_turn(self, model, contexts, **_kw):
+    def make_engine(self, model, **_kw):
+        """Stands in for `ppo.engine.make_engine`: this object is the engine."""
+        return self
+
+    def sample(self, rows, contexts, **_kw):
         self.calls += 1
-        return [self.turns[self._key(c)].pop(0) for c in contexts]
+        tokens = [self.turns[self._key(c)].pop(0) for c in contexts]
+        return TurnSample(tokens, [[-1.0] * len(t) for t in tokens])
+
+    def close(self):
+        pass
 
     def _key(self, context):
         for key in self.turns:
@@ -99,7 +108,7 @@ def test_episode_tokens_are_prompt_then_sampled_then_suffix(chat, monkeypatch):
                 tuple(prompts["calc-two-turns"]): [turn_bad, turn_unclosed],
             }
         )
-        monkeypatch.setattr(rollout, "generate_turn", policy.generate_turn)
+        monkeypatch.setattr(rollout, "make_engine", policy.make_engine)
         batch = collect_rollouts(
             policy,
             chat,
@@ -142,7 +151,7 @@ def test_episode_that_outgrows_the_context_is_cut_and_counted(chat, monkeypatch)
         _obs, info = pool.reset(task_ids=["calc-ok"])[0]
         prompt = chat.prompt_ids(info["messages"], info["tools"])
         policy = ScriptedPolicy({tuple(prompt): []})
-        monkeypatch.setattr(rollout, "generate_turn", policy.generate_turn)
+        monkeypatch.setattr(rollout, "make_engine", policy.make_engine)
         batch = collect_rollouts(
             policy,
             chat,

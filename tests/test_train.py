@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ppo import train
 from ppo.config import Config
+from ppo.generation import TurnSample
 from ppo.rollout import ChatFormat, collect_rollouts
 from ppo.setup import build_optimizer, load_policy, make_env_pool, resolve_tasks
 
@@ -120,9 +121,16 @@ def _scripted_batch(actor_critic, chat, monkeypatch):
     turns = [[*chat.encode(bad), chat.end_of_turn_id]] * 2 + [
         [*chat.encode("I give up."), chat.end_of_turn_id]
     ] * 2
-    monkeypatch.setattr(
-        rollout, "generate_turn", lambda model, contexts, **kw: [turns.pop(0) for _ in contexts]
-    )
+
+    class Scripted:  # stands in for the engine: the next scripted turn for every context
+        def sample(self, rows, contexts, **_kw):
+            tokens = [turns.pop(0) for _ in contexts]
+            return TurnSample(tokens, [[-1.0] * len(t) for t in tokens])
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(rollout, "make_engine", lambda model, **kw: Scripted())
     with make_env_pool(Config(), tasks, size=2) as pool:
         return collect_rollouts(
             actor_critic,

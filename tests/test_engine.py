@@ -1,0 +1,245 @@
+"""StaticEngine against slow references: full-recompute greedy decoding of the policy (fp32 LoRA and NF4 + LoRA
+bases; Qwen3, Qwen2 and Llama layers), the policy's own log-probs (ActorCritic.score), later turns fed from the
+cache against a fresh engine, garbage at hidden cache positions, the bucketed shapes the CUDA graphs use, and the
+fallback for other architectures. Letters: B rows, V vocabulary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppo.engine import LoopEngine, StaticEngine, make_engine, static_support
+from tests.test_generation import (
+    CONTEXTS,
+    PAD,
+    VOCAB,
+    _cut,
+    _reference_greedy,
+    _score_turns,
+    _stopping_token,
+    nf4_actor_critic,  # noqa: F401  (a fixture: the NF4 + LoRA layout)
+)
+
+STEPS = 10
+
+
+def _lora(base):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(base, config, adapter_name="policy").eval()
+
+
+def _base(kind: str):
+    """A small random causal LM of the given family, GQA (4 query heads on 2 key/value heads)."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    classes = {
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+    }
+    config_class, model_class = classes[kind]
+    config = config_class(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        tie_word_embeddings=kind != "llama",
+        pad_token_id=PAD,
+    )
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return _lora(_base("qwen3"))
+
+
+def _engine(model, rows=4, **kw) -> StaticEngine:
+    return StaticEngine(model, rows=rows, max_context=kw.pop("max_context", 64), grow=8, pad_id=PAD, **kw)
+
+
+def _greedy_reference(model, contexts, steps=STEPS):
+    """The slow greedy runs and an end-of-turn id at which the rows stop at different steps."""
+    with torch.no_grad():
+        runs = [_reference_greedy(model, c, steps) for c in contexts]
+    eot = _stopping_token(runs)
+    return [_cut(run, eot) for run in runs], eot
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "llama"])
+def test_greedy_equals_full_recompute_reference(kind, buckets):
+    model = _lora(_base(kind))
+    expected, eot = _greedy_reference(model, CONTEXTS)
+    # The case must exercise early stops: rows end at (at least) two different steps, one before the last.
+    assert len({len(e) for e in expected}) >= 2 and min(len(e) for e in expected) < STEPS
+    engine = _engine(model, buckets=buckets, check_every=3)
+    got = engine.sample(list(range(4)), CONTEXTS, max_new_tokens=STEPS, temperature=0, end_of_turn_id=eot)
+    assert got.tokens == expected
+
+
+def test_logprobs_equal_policy_score_fp32_and_nf4(qwen3, nf4_actor_critic):  # noqa: F811
+    from models.actor_critic import ActorCritic
+
+    fp32 = ActorCritic(qwen3, tokenizer=None, critic="shared", settings={})
+    for actor_critic in (fp32, nf4_actor_critic):
+        vocab = actor_critic.config.vocab_size
+        contexts = [[(7 * i + 3 * j) % (vocab - 2) + 2 for j in range(3 + 2 * i)] for i in range(5)]
+        with actor_critic.policy():
+            engine = _engine(actor_critic.model, rows=5, generator=torch.Generator().manual_seed(0))
+            sample = engine.sample(
+                list(range(5)), contexts, max_new_tokens=12, temperature=0.7, end_of_turn_id=1
+            )
+            scored = _score_turns(actor_critic, contexts, sample.tokens, temperature=0.7)
+        for got, want in zip(sample.logprobs, scored, strict=True):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_later_turns_from_the_cache_equal_a_fresh_engine(qwen3, buckets):
+    """Three turns on shifting subsets of rows, in shuffled order, with a cache that grows between turns."""
+    engine = _engine(qwen3, buckets=buckets, check_every=4)
+    contexts = [list(c) for c in CONTEXTS]
+    plans = [[0, 1, 2, 3], [2, 0, 3], [3, 1]]  # rows asked each turn (episodes end, the order changes)
+    for turn, rows in enumerate(plans):
+        asked = [contexts[r] for r in rows]
+        got = engine.sample(rows, asked, max_new_tokens=STEPS, temperature=0, end_of_turn_id=-1)
+        fresh = _engine(qwen3).sample(
+            list(range(len(rows))), asked, max_new_tokens=STEPS, temperature=0, end_of_turn_id=-1
+        )
+        assert got.tokens == fresh.tokens
+        torch.testing.assert_close(
+            torch.tensor(got.logprobs), torch.tensor(fresh.logprobs), atol=1e-5, rtol=0
+        )
+        for r, new in zip(rows, got.tokens, strict=True):
+            contexts[r] += [*new, 40 + turn, 41 + turn]  # a tool answer and the next turn's header
+    # The cache grew (grow=8) and later turns fed only what was appended since the row's last turn.
+    assert engine.capacity > 8
+    first = sum(len(c) for c in CONTEXTS)
+    appended = sum(2 + 1 for rows in plans[1:] for _ in rows)  # 2 appended ids + the turn's last id
+    assert engine.prefilled_tokens == first + appended
+
+
+def test_a_context_that_changed_is_fed_again_from_the_start(qwen3):
+    engine = _engine(qwen3)
+    engine.sample([0], [CONTEXTS[0]], max_new_tokens=3, temperature=0, end_of_turn_id=-1)
+    edited = [99 % VOCAB, *CONTEXTS[0][1:]]  # same length, another first token: the held prefix is stale
+    got = engine.sample([0], [edited], max_new_tokens=STEPS, temperature=0, end_of_turn_id=-1)
+    with torch.no_grad():
+        assert got.tokens == [_reference_greedy(qwen3, edited, STEPS)]
+
+
+def test_pad_tokens_of_a_prefill_stay_inside_the_cache(qwen3):
+    """A short chunk near the end of a full slot shares a prefill with a long chunk: its pad tokens would fall
+    past the cache's last position; they go to the bin, and both rows still equal a fresh engine."""
+    engine = StaticEngine(qwen3, rows=2, max_context=32, grow=32, pad_id=PAD)
+    long = [(3 * j) % (VOCAB - 2) + 2 for j in range(20)]
+    first = engine.sample([0, 1], [long, [5, 6]], max_new_tokens=5, temperature=0, end_of_turn_id=-1)
+    asked = [long + first.tokens[0] + [40], long[::-1]]  # row 0: 2 new ids at 24; row 1: 20 ids from 0
+    got = engine.sample([0, 1], asked, max_new_tokens=4, temperature=0, end_of_turn_id=-1)
+    fresh = StaticEngine(qwen3, rows=2, max_context=32, pad_id=PAD).sample(
+        [0, 1], asked, max_new_tokens=4, temperature=0, end_of_turn_id=-1
+    )
+    assert engine.capacity == 32 and got.tokens == fresh.tokens
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_garbage_at_hidden_cache_positions_changes_nothing(qwen3, buckets):
+    """Every cache position a slot does not hold (and the bin) is filled with large values before turn 2."""
+
+    def two_turns(poison: bool):
+        engine = _engine(qwen3, buckets=buckets, check_every=4)
+        first = engine.sample([0, 1, 2, 3], CONTEXTS, max_new_tokens=6, temperature=0, end_of_turn_id=-1)
+        if poison:
+            gen = torch.Generator().manual_seed(0)
+            for cache in (*engine.k_cache, *engine.v_cache):
+                for slot, held in enumerate(engine.cached):
+                    rest = cache[slot, :, len(held) :]
+                    rest.copy_(torch.randn(rest.shape, generator=gen) * 1e3)
+        later = [c + t + [40, 41] for c, t in zip(CONTEXTS, first.tokens, strict=True)]
+        return engine.sample(
+            [3, 1, 0, 2],
+            [later[i] for i in (3, 1, 0, 2)],
+            max_new_tokens=6,
+            temperature=0.8,
+            end_of_turn_id=-1,
+        )
+
+    torch.manual_seed(0)
+    clean = two_turns(poison=False)
+    torch.manual_seed(0)
+    poisoned = two_turns(poison=True)
+    assert clean.tokens == poisoned.tokens
+    torch.testing.assert_close(
+        torch.tensor(clean.logprobs), torch.tensor(poisoned.logprobs), atol=1e-5, rtol=0
+    )
+
+
+def test_rows_stop_at_end_of_turn_and_draws_follow_the_policy(qwen3):
+    """The exponential race draws each token with its probability (first token of 4000 rows, temperature 1.5)."""
+    rows, temperature, context = 4000, 1.5, CONTEXTS[0]
+    with torch.no_grad():
+        probs = torch.softmax(
+            qwen3(input_ids=torch.tensor([context])).logits[0, -1] / temperature, -1
+        )  # (V,)
+    engine = _engine(qwen3, rows=rows, generator=torch.Generator().manual_seed(0))
+    sample = engine.sample(
+        list(range(rows)), [context] * rows, max_new_tokens=1, temperature=temperature, end_of_turn_id=1
+    )
+    counts = torch.bincount(torch.tensor([t[0] for t in sample.tokens]), minlength=VOCAB).float()
+    sigma = (probs * (1 - probs) / rows).sqrt()
+    assert ((counts / rows - probs).abs() <= 5 * sigma + 1e-3).all()
+    # Longer sampled turns: nothing written after the end of the turn, each turn ends or runs out.
+    eot, steps = 7, 30
+    contexts = [CONTEXTS[i % 4] for i in range(16)]
+    turns = _engine(qwen3, rows=16, buckets=True, check_every=5).sample(
+        list(range(16)), contexts, max_new_tokens=steps, temperature=1.0, end_of_turn_id=eot
+    )
+    ended = 0
+    for turn, logprobs in zip(turns.tokens, turns.logprobs, strict=True):
+        assert eot not in turn[:-1] and (turn[-1] == eot or len(turn) == steps)
+        assert len(logprobs) == len(turn) and all(lp <= 0.0 for lp in logprobs)
+        ended += turn[-1] == eot
+    assert 0 < ended < len(contexts)
+
+
+def test_bad_requests_are_refused(qwen3):
+    engine = _engine(qwen3, max_context=16)
+    with pytest.raises(ValueError, match="max_context"):
+        engine.sample([0], [list(range(2, 12))], max_new_tokens=8, temperature=1.0, end_of_turn_id=1)
+    with pytest.raises(ValueError, match="range"):
+        engine.sample([9], [[2, 3]], max_new_tokens=2, temperature=1.0, end_of_turn_id=1)
+    with pytest.raises(ValueError, match="pair up"):
+        engine.sample([0, 0], [[2], [3]], max_new_tokens=2, temperature=1.0, end_of_turn_id=1)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.sample([0], [[2]], max_new_tokens=2, temperature=-1.0, end_of_turn_id=1)
+
+
+def test_other_architectures_fall_back_to_the_loop_engine():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)).eval()
+    assert "gpt2" in static_support(gpt2)
+    with pytest.warns(UserWarning, match="using 'loop'"):
+        engine = make_engine(gpt2, kind="static", rows=2, max_context=32, pad_id=PAD)
+    assert isinstance(engine, LoopEngine)
+    with torch.no_grad():
+        expected = [_reference_greedy(gpt2, c, 4) for c in CONTEXTS[:2]]
+    got = engine.sample([0, 1], CONTEXTS[:2], max_new_tokens=4, temperature=0, end_of_turn_id=-1)
+    assert got.tokens == expected
+    with pytest.raises(ValueError, match="static' or 'loop"):
+        make_engine(gpt2, kind="vllm", rows=2, max_context=32, pad_id=PAD)
