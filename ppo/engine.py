@@ -4,9 +4,9 @@ Letters: B rows (slots of the cache), T new tokens of a prefill, S cache positio
 heads, G = H / K query heads per key/value head, D head size, V vocabulary.
 
 `StaticEngine` is the fast path, for the Llama family of decoders (Qwen3, Qwen2, Llama; Qwen3-1.7B is the
-default policy). It runs a copy of the policy with the LoRA adapter merged into dequantized weights (see
-`ppo.generation.merged_copy`), its own attention over a KV cache allocated once per rollout, and on a GPU a
-CUDA graph per decoding shape:
+default policy). It runs a copy of the policy whose 4-bit base is dequantized once per rollout (see
+`ppo.generation.merged_copy`) with the LoRA adapters beside it, unmerged, computed as peft computes them, its own
+attention over a KV cache allocated once per rollout, and on a GPU a CUDA graph per decoding shape:
 
 - **one cache for the whole rollout.** Each episode owns a slot (a row of the cache) from its first turn to its
   last. A later turn prefills only the tokens appended since (the tool's answer and the next turn's header): the
@@ -76,6 +76,8 @@ def static_support(model: nn.Module) -> str | None:
         return "sliding-window attention is on"
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         return "some layers use sliding-window attention"
+    if any(getattr(c, "use_dora", False) for c in getattr(model, "peft_config", {}).values()):
+        return "DoRA adapters are not plain LoRA"
     rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
         return "dynamic RoPE scaling depends on the sequence length"
@@ -141,7 +143,10 @@ class StaticEngine:
     without it (and on the CPU) the same step runs eagerly. ``buckets`` (default: as the graphs) runs each step on
     the bucketed shapes and reads the ended rows every ``check_every`` steps, as the graphs do; without it a step
     runs on exactly the rows still writing and the ended rows are read after every step. ``generator`` seeds
-    eager draws (graph replays draw from the device's default generator).
+    eager draws (graph replays draw from the device's default generator). ``merge_lora`` merges the adapter into
+    the dense weights: one matmul per linear layer instead of three. Without it the adapters run beside the base
+    as peft runs them. The merge rounds the adapter's update to bf16 on a GPU; ``python -m ppo.bench`` measures
+    both, speed and how far the sampler's log-probs are from the policy's (see the README).
     """
 
     def __init__(
@@ -157,15 +162,14 @@ class StaticEngine:
         prefill_tokens: int = 8192,
         generator: torch.Generator | None = None,
         pad_id: int | None = None,
+        merge_lora: bool = True,
     ) -> None:
         reason = static_support(model)
         if reason is not None:
             raise ValueError(f"StaticEngine cannot run this model: {reason}.")
         if rows < 1 or max_context < 2:
             raise ValueError(f"need rows >= 1 and max_context >= 2, got {rows} and {max_context}.")
-        self.lm = merged_copy(
-            model
-        ).eval()  # dense weights, active adapter merged in (the same object if plain)
+        self.lm = _dense_copy(model, merge_lora)
         inner = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.model
         self.embed, self.layers, self.norm = inner.embed_tokens, list(inner.layers), inner.norm
         self.rotary, self.head = inner.rotary_emb, self.lm.get_output_embeddings()
@@ -178,6 +182,7 @@ class StaticEngine:
         self.rows, self.max_context, self.grow = rows, max_context, grow
         self.check_every, self.prefill_tokens, self.generator = check_every, prefill_tokens, generator
         self.graphs_on = cuda_graphs and self.device.type == "cuda"
+        self.fp32_scores = _fp32_scores_supported(self.device, self.dtype)
         self.bucketed = self.graphs_on if buckets is None else buckets
         self.pad_id = _pad_id(model) if pad_id is None else pad_id
         self.prefilled_tokens = 0  # tokens fed by prefills over the rollout (earlier turns are not fed again)
@@ -193,9 +198,8 @@ class StaticEngine:
         self.pool = None
         long = dict(dtype=torch.long, device=self.device)
         self.tok_in = torch.zeros(rows, **long)  # the token each slot feeds at the next step
-        self.pos_in = torch.zeros(
-            rows, **long
-        )  # the position it goes to (= the slot's length); the bin when idle
+        # The position each slot's next token goes to (= the slot's length); the bin when idle.
+        self.pos_in = torch.zeros(rows, **long)
         self.step_at = torch.zeros(1, **long)  # history column of the next step
         self.inv_temp = torch.ones(1, dtype=torch.float32, device=self.device)
         self.slot_range = torch.arange(rows, **long)
@@ -242,7 +246,7 @@ class StaticEngine:
         done_steps = 1
         while alive and done_steps < max_new_tokens:
             run = min(self.check_every if self.bucketed else 1, max_new_tokens - done_steps)
-            start_col = int(self.step_at.item())
+            start_col = done_steps - 1  # = step_at: the history column of this run's first step
             span = max(lengths[i] for i in alive) + run  # positions any query of these steps may attend
             for _ in range(run):
                 self._step(len(alive), span, greedy)
@@ -317,7 +321,8 @@ class StaticEngine:
     def _front(self, rows: list[int]) -> None:
         """Move the slots of `rows` to the front, in the order given."""
         chosen = [self.slot_of[r] for r in rows]
-        rest = [s for s in range(self.rows) if s not in set(chosen)]
+        taken = set(chosen)
+        rest = [s for s in range(self.rows) if s not in taken]
         self._permute(chosen + rest)
 
     def _still_writing(self, alive: list[int], tokens: list[list[int]], end_of_turn_id: int) -> list[int]:
@@ -326,7 +331,8 @@ class StaticEngine:
         The slots of the rows that ended move behind, keeping their cache; they write to the bin from now on."""
         keep = [s for s, i in enumerate(alive) if tokens[i][-1] != end_of_turn_id]
         if len(keep) < len(alive):
-            others = [s for s in range(len(alive)) if s not in set(keep)]
+            kept = set(keep)
+            others = [s for s in range(len(alive)) if s not in kept]
             self._permute(keep + others + list(range(len(alive), self.rows)))
             self.pos_in[len(keep) :] = self.capacity
         return [alive[s] for s in keep]
@@ -398,7 +404,7 @@ class StaticEngine:
             x = self._finish_layer(block, x, attn.transpose(1, 2).reshape(b, t, -1))
         last = x[torch.arange(b, device=dev), count[:, 0] - 1]  # (B, hidden): each row's last real token
         self.pos_in[first_slot : first_slot + b] = (start + count)[:, 0]
-        return self._draw(self.head(self.norm(last)), greedy, eager=True)
+        return self._draw(self.head(self.norm(last)), greedy, seeded=True)
 
     def _qkv(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Pre-norm, projections, optional per-head q/k norm and RoPE of one layer. x: (..., hidden)."""
@@ -433,12 +439,18 @@ class StaticEngine:
             kc[slots, :, pos] = k
             vc[slots, :, pos] = v
             q = q.view(b, self.kv_heads, group, self.head_dim)  # (B, K, G, D): no copy of keys per group
-            scores = (q @ kc[:b, :, :span].transpose(-1, -2)).float() * self.scale  # (B, K, G, span)
+            keys = kc[:b, :, :span]  # (B, K, span, D), a view
+            if self.fp32_scores:  # q.k accumulated and kept in fp32, as fused attention kernels do
+                flat = keys.reshape(b * self.kv_heads, span, self.head_dim).transpose(1, 2)  # still a view
+                scores = torch.bmm(q.reshape(b * self.kv_heads, group, -1), flat, out_dtype=torch.float32)
+                scores = scores.view(b, self.kv_heads, group, span) * self.scale  # (B, K, G, span)
+            else:
+                scores = (q @ keys.transpose(-1, -2)).float() * self.scale  # (B, K, G, span)
             scores = scores.masked_fill(hidden[:, None, None], float("-inf"))
             probs = scores.softmax(-1).to(self.dtype)
             out = (probs @ vc[:b, :, :span]).reshape(b, -1)  # (B, H * D)
             x = self._finish_layer(block, x, out)
-        new, logp = self._draw(self.head(self.norm(x)), greedy, eager=False)
+        new, logp = self._draw(self.head(self.norm(x)), greedy, seeded=not self.graphs_on)
         col = self.step_at.expand(b)
         self.hist_tok[slots, col] = new
         self.hist_logp[slots, col] = logp
@@ -446,13 +458,16 @@ class StaticEngine:
         self.pos_in[:b] = torch.clamp(pos + 1, max=self.capacity)
         self.step_at.add_(1)
 
-    def _draw(self, logits: torch.Tensor, greedy: bool, *, eager: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, logits: torch.Tensor, greedy: bool, *, seeded: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Next id per row from (B, V) logits by the exponential race (greedy: argmax); ids and log-probs."""
         logp = torch.log_softmax(logits.float() * self.inv_temp, dim=-1)  # (B, V)
         if greedy:
             new = logits.argmax(dim=-1)
         else:
-            race = torch.empty_like(logp).exponential_(generator=self.generator if eager else None)
+            race = torch.empty_like(logp).exponential_(generator=self.generator if seeded else None)
+            # E = 0 (a uniform draw of exactly 0 on the CPU) would pick its token whatever its probability;
+            # CUDA's sampler already bounds E below by eps / 2, the CPU's is bounded here the same way.
+            race.clamp_min_(torch.finfo(race.dtype).eps / 2)
             new = (logp - race.log()).argmax(dim=-1)  # argmax p / E
         return new, logp.gather(-1, new[:, None]).squeeze(-1)
 
@@ -489,6 +504,60 @@ class StaticEngine:
         for buf, old in zip((self.tok_in, self.pos_in, self.step_at), saved, strict=True):
             buf.copy_(old)  # capture does not run the kernels, but restore anyway: replay starts from here
         return graph
+
+
+@torch.no_grad()
+def _dense_copy(model: nn.Module, merge_lora: bool) -> nn.Module:
+    """The model for sampling: the base dequantized once, the active LoRA adapter merged in or kept beside it."""
+    copy = merged_copy(model, merge_adapters=merge_lora).eval()  # the same object when nothing to dequantize
+    if merge_lora or copy is model:
+        return copy
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer) or module.disable_adapters or module.merged:
+            continue
+        # (A, s * B): the scale folded into B once (in the adapter's fp32) rather than applied at every step.
+        adapters = [
+            (module.lora_A[a].weight, module.lora_B[a].weight * float(module.scaling[a]))
+            for a in module.active_adapters
+            if a in module.lora_A
+        ]
+        if adapters:
+            owner, _, leaf = name.rpartition(".")
+            parent = copy.get_submodule(owner)
+            setattr(parent, leaf, _LoRALinear(getattr(parent, leaf), adapters))
+    return copy
+
+
+class _LoRALinear(nn.Module):
+    """A dense linear layer plus unmerged LoRA adapters, computed as peft computes them: the low-rank path in the
+    adapter's dtype (fp32), cast to the layer's output dtype and added (Hu et al. 2021, "LoRA", eq. 3)."""
+
+    def __init__(self, base: nn.Module, adapters: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = adapters  # (A (r, in), scale * B (out, r)) per active adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for a, scaled_b in self.adapters:
+            low = nn.functional.linear(nn.functional.linear(x.to(a.dtype), a), scaled_b)
+            y = y + low.to(y.dtype)
+        return y
+
+
+def _fp32_scores_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.bmm(..., out_dtype=float32)`` runs here on 16-bit inputs (CUDA builds of torch >= 2.8):
+    attention scores then skip the rounding to bf16 that the plain matmul's output would take."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        probe = torch.ones(1, 2, 2, dtype=dtype, device=device)
+        return torch.bmm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Sampling one assistant turn for a batch of contexts: the hot loop of a rollout.
+"""Sampling one assistant turn for a batch of contexts with the model's own forward: the ``loop`` engine.
+
+Rollouts run `ppo.engine.StaticEngine` by default (a KV cache kept across turns, CUDA graphs); this loop is the
+engine for architectures it does not cover (``--engine loop``) and the reference its tests compare against.
+`merged_copy` here also builds the static engine's sampling copy.
 
 Letters: B rows (episodes still playing), T token positions, V vocabulary.
 
@@ -189,17 +193,18 @@ def generate_turn(
 
 
 @torch.no_grad()
-def merged_copy(model: nn.Module) -> nn.Module:
+def merged_copy(model: nn.Module, *, merge_adapters: bool = True) -> nn.Module:
     """A plain causal LM equal to `model`'s active role: base weights dequantized, active LoRA adapter merged in.
 
     `model` is a PeftModel (NF4 or full-precision base) or a plain causal LM (returned as is when nothing is
     quantized and no adapter is present). Every weight of the copy is in the compute dtype of the base; tensors
-    that need no change are shared with `model`, not copied.
+    that need no change are shared with `model`, not copied. ``merge_adapters=False`` leaves the adapters out:
+    the copy is the dequantized base (`ppo.engine` adds the adapters back unmerged).
     """
     from transformers import AutoModelForCausalLM
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    merged, dtype = _merged_state(base)
+    merged, dtype = _merged_state(base, merge_adapters)
     if merged is None:
         return model
     config = base.config.__class__.from_dict(base.config.to_dict())
@@ -225,7 +230,9 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return copy.eval()
 
 
-def _merged_state(base: nn.Module) -> tuple[dict[str, torch.Tensor] | None, torch.dtype]:
+def _merged_state(
+    base: nn.Module, merge_adapters: bool
+) -> tuple[dict[str, torch.Tensor] | None, torch.dtype]:
     """State dict of the merged copy (names of the plain model), or None when `model` needs no merging."""
     from peft.tuners.lora import LoraLayer
     from peft.utils.integrations import dequantize_module_weight
@@ -239,7 +246,7 @@ def _merged_state(base: nn.Module) -> tuple[dict[str, torch.Tensor] | None, torc
     for name, module in lora_layers.items():
         weight = dequantize_module_weight(module.get_base_layer()).to(dtype)
         # With adapters disabled (the reference role) the copy is the bare base.
-        if not module.disable_adapters and not module.merged:
+        if merge_adapters and not module.disable_adapters and not module.merged:
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
                     weight = weight + module.get_delta_weight(adapter).to(dtype)

@@ -60,7 +60,13 @@ def test_every_cpu_measurement_ran(quick_results):
     for model in ("tiny", "mid"):
         section = quick_results["cpu"][model]
         assert "error" not in section["rollout"] and "error" not in section["update"], section
-        for engine in ("batched", "batched_merged", "batched_hf_generate", "per_episode_hf_generate"):
+        for engine in (
+            "static",
+            "batched",
+            "batched_merged",
+            "batched_hf_generate",
+            "per_episode_hf_generate",
+        ):
             assert _positive(section["rollout"][engine]["tokens_per_s"]), engine
             assert section["rollout"][engine]["tokens"] > 0
         assert _positive(section["update"]["tokens_per_s"])
@@ -95,12 +101,18 @@ def test_gpu_section_runs_end_to_end_on_the_cpu(tmp_path):
     summarize(rec.results)
     gpu = rec.results["gpu"]
     iteration = gpu["ppo_iteration"]
-    for phase in ("rollout_merged", "scoring", "update", "rollout_nf4_lora"):
+    for phase in ("rollout", "scoring", "update"):
         assert "error" not in iteration[phase] and _positive(iteration[phase]["peak_gb"]), phase
-    assert "turns" not in iteration["rollout_merged"]  # the sampled ids stay out of the JSON
+    assert "sample" not in iteration["rollout"]  # the sampled ids stay out of the JSON
     assert iteration["tokens"] == 4 * 16 + sum(len(c) for c in _contexts(shape))
-    assert 0 <= gpu["merged_vs_unmerged_logprob_gap"] < 1e-3  # fp32 on the CPU: rounding only
+    for engine in ("static", "static_unmerged", "static_no_graphs", "loop"):
+        assert _positive(gpu["engines"][engine]["tokens_per_s"]), engine
+        # fp32 on the CPU: the sampler's log-probs are the policy's to rounding (bf16 on a GPU: ~0.1).
+        assert 0 <= gpu["engines"][f"{engine}_sampler_vs_policy_logprob_gap"]["max"] < 1e-3
+    assert 0 <= gpu["sampler_vs_policy_logprob_gap"]["max"] < 1e-3
+    assert gpu["graphs_equal_eager"]["rows_identical"] == 4  # no graphs on the CPU: the same path twice
     assert _positive(gpu["ppo_iteration_peak_gb"]) and _positive(gpu["rollout_tokens_per_s"])
+    assert _positive(gpu["rollout_speedup_vs_loop"])
     assert json.loads((tmp_path / "gpu.json").read_text())["gpu"]["ppo_iteration"]["tokens"] > 0
 
 

@@ -4,8 +4,9 @@ Models (random weights, Qwen3-shaped, saved to a temporary folder and loaded thr
 exactly as training loads them, NF4 base + LoRA): the ``tiny`` preset and a ~100M-parameter "mid" model on the
 CPU; a Qwen3-1.7B-shaped model on the GPU when one is present. Measured, each side by side in one run:
 
-- rollout throughput (generated tokens/s): `ppo.generation.generate_turn` on 16 episodes at once, against plain
-  Hugging Face ``generate`` one episode at a time (and batched ``generate``, and the merged-LoRA variant);
+- rollout throughput (generated tokens/s): the static engine (`ppo.engine.StaticEngine`, what training runs) on
+  16 episodes at once, against plain Hugging Face ``generate`` one episode at a time (and batched ``generate``,
+  and the loop engine `ppo.generation.generate_turn` with and without the merged copy);
 - update throughput (tokens/s through ``ActorCritic.forward_train`` + backward + optimizer step);
 - memory: the trainer's layout (one NF4 base, policy and critic adapters, value head, optimizer state after a
   step) against the policy alone and against three independently loaded copies (policy, reference, critic),
@@ -57,9 +58,9 @@ def cpu_model_section(
     roll = rec.attempt(out, "rollout", lambda: rollout_throughput(ac, contexts, new_tokens, per_episode=True))
     if "per_episode_hf_generate" in roll:
         baseline = roll["per_episode_hf_generate"]["tokens_per_s"]
-        # generate_turn's default on a 4-bit base is the merged copy: that is what training runs.
-        out["rollout_speedup_vs_per_episode"] = roll["batched_merged"]["tokens_per_s"] / baseline
-        out["rollout_speedup_unmerged_vs_per_episode"] = roll["batched"]["tokens_per_s"] / baseline
+        # The static engine is what training runs; the loop engine merges on a 4-bit CPU base.
+        out["rollout_speedup_vs_per_episode"] = roll["static"]["tokens_per_s"] / baseline
+        out["rollout_speedup_loop_vs_per_episode"] = roll["batched_merged"]["tokens_per_s"] / baseline
     batch, length = (4, 32) if quick else (8, 128)
     rec.attempt(out, "update", lambda: update_throughput(ac, make_optimizer(ac), batch, length, micro=4))
     return out
@@ -103,8 +104,9 @@ def run_cpu(rec: Recorder, workdir: Path, quick: bool) -> None:
 def summarize(results: dict[str, Any]) -> None:
     """Headline GPU figures (None where their measurement failed).
 
-    ``ppo_iteration_peak_gb`` is the largest peak of the iteration's phases with the default rollout engine
-    (merged copy); ``ppo_iteration_peak_gb_nf4_rollout`` the same with the rollout on the 4-bit base.
+    ``ppo_iteration_peak_gb`` is the largest peak of the iteration's phases (rollout with the default engine,
+    scoring, update); ``rollout_speedup_vs_loop`` compares the static engine with the Hugging Face loop on the
+    same short turns.
     """
     gpu = results.get("gpu")
     if gpu is None:
@@ -115,12 +117,12 @@ def summarize(results: dict[str, Any]) -> None:
         value = it.get(phase, {})
         return value.get(key) if isinstance(value, dict) else None
 
-    train_peaks = [figure(p, "peak_gb") for p in ("scoring", "update")]
-    for name, engine in (("", "rollout_merged"), ("_nf4_rollout", "rollout_nf4_lora")):
-        peaks = [figure(engine, "peak_gb"), *train_peaks]
-        gpu[f"ppo_iteration_peak_gb{name}"] = max(peaks) if None not in peaks else None
-    rates = [figure(e, "tokens_per_s") for e in ("rollout_merged", "rollout_nf4_lora")]
-    gpu["rollout_tokens_per_s"] = max((r for r in rates if r is not None), default=None)
+    peaks = [figure(p, "peak_gb") for p in ("rollout", "scoring", "update")]
+    gpu["ppo_iteration_peak_gb"] = max(peaks) if None not in peaks else None
+    gpu["rollout_tokens_per_s"] = figure("rollout", "tokens_per_s")
+    engines = gpu.get("engines", {})
+    rates = [engines.get(e, {}).get("tokens_per_s") for e in ("static", "loop")]
+    gpu["rollout_speedup_vs_loop"] = rates[0] / rates[1] if None not in rates else None
 
 
 def table(results: dict[str, Any]) -> str:

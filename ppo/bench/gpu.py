@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from models.scoring import position_ids_from_mask
 from ppo.bench.measure import (
     BF16,
     QWEN3_1_7B_SHAPE,
@@ -23,11 +22,11 @@ from ppo.bench.measure import (
     make_optimizer,
     peak_rss_bytes,
     random_contexts,
-    rollout_throughput,
     timed,
     train_step,
 )
-from ppo.generation import generate_turn, left_pad, merged_copy
+from ppo.engine import StaticEngine, make_engine
+from ppo.generation import left_pad
 
 
 def run_gpu(
@@ -35,11 +34,14 @@ def run_gpu(
 ) -> None:
     """Qwen3-1.7B shape, random weights, NF4 on the GPU: one PPO iteration of 32 x 1024 tokens, phase by phase.
 
-    `device` and `shape` exist so that the same code can be dry-run on the CPU with a small model.
+    The iteration's rollout runs the default engine (`ppo.engine.StaticEngine`, CUDA graphs); the engines are
+    then compared side by side on shorter turns: the static engine with and without graphs against the Hugging
+    Face loop (`ppo.generation.sample_turn`, the ``loop`` engine). `device` and `shape` exist so that the same
+    code can be dry-run on the CPU with a small model.
     """
     gpu: dict[str, Any] = rec.results.setdefault("gpu", {})
     shape = shape or ({**QWEN3_1_7B_SHAPE, "num_hidden_layers": 2} if quick else QWEN3_1_7B_SHAPE)
-    episodes, prompt, new_tokens, micro = (4, 32, 16, 2) if quick else (32, 256, 768, 4)
+    episodes, prompt, new_tokens, short, micro = (4, 32, 16, 8, 2) if quick else (32, 256, 768, 128, 2)
     log(f"gpu: building a random {shape['num_hidden_layers']}-layer Qwen3-1.7B-shaped model")
     folder = workdir / "qwen3-1.7b"
     built = rec.attempt(
@@ -54,20 +56,49 @@ def run_gpu(
     if "error" in ac:
         return
     ac = ac.pop("result")
+    _perturb_policy(ac)
     contexts = random_contexts(episodes, prompt, ac.config.vocab_size)
-    it: dict[str, Any] = gpu.setdefault("ppo_iteration", {"episodes": episodes, "new_tokens": new_tokens})
-    turns = rec.attempt(it, "rollout_merged", lambda: gpu_rollout(ac, contexts, new_tokens, merge=True))
+    _iteration(rec, gpu, ac, contexts, new_tokens, micro)  # its tensors and optimizer are freed on return
+    engines: dict[str, Any] = gpu.setdefault("engines", {"episodes": episodes, "new_tokens": short})
+    for name, kw in (
+        ("static", {"engine": "static"}),
+        ("static_unmerged", {"engine": "static", "merge_lora": False}),
+        ("static_no_graphs", {"engine": "static", "cuda_graphs": False}),
+        ("loop", {"engine": "loop"}),
+    ):
+        out = rec.attempt(engines, name, lambda kw=kw: engine_rollout(ac, contexts, short, **kw))
+        if "sample" in out:
+            engines[f"{name}_sampler_vs_policy_logprob_gap"] = sampler_gap(
+                ac, contexts, out.pop("sample"), micro
+            )
+    rec.attempt(gpu, "graphs_equal_eager", lambda: graphs_equal_eager(ac, contexts[:8], short // 2))
+
+
+def _iteration(
+    rec: Recorder, gpu: dict[str, Any], ac, contexts: list[list[int]], new_tokens: int, micro: int
+):
+    """One PPO iteration phase by phase: rollout (default engine), scoring, update; each with its peak."""
+    it: dict[str, Any] = gpu.setdefault(
+        "ppo_iteration", {"episodes": len(contexts), "new_tokens": new_tokens}
+    )
+    turns = rec.attempt(it, "rollout", lambda: engine_rollout(ac, contexts, new_tokens, engine="static"))
     if "error" in turns:
         return
-    ids, attn = _episodes_tensor(contexts, turns.pop("turns"), ac.tokenizer.pad_token_id, _device(ac))
+    sample = turns.pop("sample")
+    ids, attn = _episodes_tensor(contexts, sample.tokens, ac.tokenizer.pad_token_id, _device(ac))
     it["tokens"] = int(attn.sum())
+    rec.attempt(gpu, "sampler_vs_policy_logprob_gap", lambda: sampler_gap(ac, contexts, sample, micro))
     rec.attempt(it, "scoring", lambda: _peak_of(lambda: _score(ac, ids, attn, micro)))
     optimizer = make_optimizer(ac)
     rec.attempt(it, "update", lambda: _peak_of(lambda: train_step(ac, optimizer, ids, micro)))
-    rec.attempt(gpu, "merged_vs_unmerged_logprob_gap", lambda: merged_gap(ac, contexts[:4]))
-    rec.attempt(it, "rollout_nf4_lora", lambda: gpu_rollout(ac, contexts, new_tokens, merge=False))
-    it["rollout_nf4_lora"].pop("turns", None)
-    rec.attempt(gpu, "rollout_engines", lambda: rollout_throughput(ac, contexts[:16], 128, per_episode=False))
+
+
+def _perturb_policy(ac) -> None:
+    """Make the policy adapter nonzero (B starts at 0), as after training: the merged copy must carry it."""
+    with torch.no_grad():
+        for name, p in ac.model.named_parameters():
+            if ".lora_B." in name and ".policy." in name:
+                p.normal_(0.0, 0.005, generator=torch.Generator(p.device).manual_seed(0))
 
 
 def _peak_of(fn: Callable[[], Any], keep: bool = False) -> dict[str, Any]:
@@ -85,27 +116,98 @@ def _peak_of(fn: Callable[[], Any], keep: bool = False) -> dict[str, Any]:
     return {**out, "result": result} if keep else out
 
 
-def gpu_rollout(ac, contexts: list[list[int]], new_tokens: int, *, merge: bool) -> dict[str, Any]:
-    """Full-length turns (the end-of-turn id is outside the vocabulary, so never sampled): tokens/s, peak GiB."""
+def engine_rollout(
+    ac,
+    contexts: list[list[int]],
+    new_tokens: int,
+    *,
+    engine: str,
+    cuda_graphs: bool = True,
+    merge_lora: bool = True,
+) -> dict[str, Any]:
+    """One turn of full length for every context (the end-of-turn id is outside the vocabulary, so never
+    sampled), as `collect_rollouts` runs it: the engine is built (base dequantized, graphs captured) inside the
+    timing. ``merge_lora``: the static engine's adapter merged into the bf16 weights (its default). Returns tokens/s,
+    seconds, peak GiB and the `TurnSample` under "sample"."""
     never, pad = ac.config.vocab_size, ac.tokenizer.pad_token_id
     box: dict[str, Any] = {}
 
     def run() -> None:
+        ac.model.eval()
         with ac.policy():
-            box["turns"] = generate_turn(
-                ac.model,
-                contexts,
-                max_new_tokens=new_tokens,
-                temperature=1.0,
-                end_of_turn_id=never,
-                pad_id=pad,
-                merge_lora=merge,
-            )
+            kw = {"rows": len(contexts), "max_context": 4096, "pad_id": pad, "cuda_graphs": cuda_graphs}
+            if engine == "static":
+                runner = StaticEngine(ac.model, merge_lora=merge_lora, **kw)
+            else:
+                runner = make_engine(ac.model, kind=engine, **kw)
+            try:
+                box["fp32_scores"] = getattr(runner, "fp32_scores", None)
+                box["sample"] = runner.sample(
+                    list(range(len(contexts))),
+                    contexts,
+                    max_new_tokens=new_tokens,
+                    temperature=1.0,
+                    end_of_turn_id=never,
+                )
+            finally:
+                runner.close()
 
     out = _peak_of(run)
-    out["tokens_per_s"] = count_tokens(box["turns"]) / out["seconds"]
-    log(f"  rollout merge_lora={merge}: {out['tokens_per_s']:,.0f} tokens/s, peak {out['peak_gb']:.2f} GiB")
-    return {**out, "turns": box["turns"]}
+    out["tokens_per_s"] = count_tokens(box["sample"].tokens) / out["seconds"]
+    out["fp32_attention_scores"] = box["fp32_scores"]
+    rate, peak = out["tokens_per_s"], out["peak_gb"]
+    log(
+        f"  rollout {engine} graphs={cuda_graphs} merged={merge_lora}: {rate:,.0f} tokens/s, peak {peak:.2f} GiB"
+    )
+    return {**out, "sample": box["sample"]}
+
+
+@torch.no_grad()
+def sampler_gap(ac, contexts: list[list[int]], sample, micro: int) -> dict[str, float]:
+    """|sampler log-prob - policy log-prob| over the sampled tokens, the policy's from `ActorCritic.score`
+    (NF4 + LoRA, the numbers PPO uses). In bf16 two kernels never agree exactly: this is the size of it."""
+    rows = [c + t for c, t in zip(contexts, sample.tokens, strict=True)]
+    ids, mask = left_pad(rows, ac.tokenizer.pad_token_id)
+    gaps = []
+    with ac.policy():
+        for start in range(0, len(rows), micro):
+            sl = slice(start, start + micro)
+            scored = ac.score(ids[sl].to(_device(ac)), mask[sl].to(_device(ac)), temperature=1.0)["logprobs"]
+            for row, turn in enumerate(sample.logprobs[sl]):
+                policy = scored[row, ids.shape[1] - len(turn) :].float().cpu()
+                gaps.append((policy - torch.tensor(turn)).abs())
+    every = torch.cat(gaps)
+    return {"max": float(every.max()), "mean": float(every.mean()), "tokens": every.numel()}
+
+
+@torch.no_grad()
+def graphs_equal_eager(ac, contexts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    """Greedy turns of the static engine with CUDA graphs and without, on the same bucketed shapes: the same
+    kernels, so the same tokens (exact shapes would change reduction lengths, and bf16 ties flip greedy picks)."""
+    pad = ac.tokenizer.pad_token_id
+    samples = []
+    with ac.policy():
+        for graphs in (True, False):
+            engine = StaticEngine(
+                ac.model, rows=len(contexts), max_context=4096, pad_id=pad, cuda_graphs=graphs, buckets=True
+            )
+            samples.append(
+                engine.sample(
+                    list(range(len(contexts))),
+                    contexts,
+                    max_new_tokens=new_tokens,
+                    temperature=0,
+                    end_of_turn_id=-1,
+                )
+            )
+            engine.close()
+    same = sum(a == b for a, b in zip(samples[0].tokens, samples[1].tokens, strict=True))
+    gap = max(
+        abs(x - y)
+        for a, b in zip(samples[0].logprobs, samples[1].logprobs, strict=True)
+        for x, y in zip(a, b, strict=True)
+    )
+    return {"rows": len(contexts), "rows_identical": same, "max_logprob_gap": gap}
 
 
 def _episodes_tensor(contexts, turns, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,22 +225,6 @@ def _score(ac, ids: torch.Tensor, attn: torch.Tensor, micro: int) -> None:
         ac.score(ids[sl], attn[sl], role="policy")
         ac.score(ids[sl], attn[sl], role="reference")
         ac.values(ids[sl], attn[sl])
-
-
-@torch.no_grad()
-def merged_gap(ac, contexts: list[list[int]]) -> float:
-    """Largest |log-prob| gap between the merged (bf16 on the GPU) copy and the NF4 + LoRA policy, same tokens."""
-    ids, mask = left_pad(contexts, ac.tokenizer.pad_token_id)
-    ids, mask = ids.to(_device(ac)), mask.to(_device(ac))
-    with ac.policy():
-        policy = ac.score(ids, mask)["logprobs"]
-        copy = merged_copy(ac.model)
-        logits = copy(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
-        ).logits.float()
-    merged = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    keep = mask[:, 1:].bool() & mask[:, :-1].bool()
-    return float((merged - policy[:, 1:]).abs()[keep].max())
 
 
 def _device(ac) -> torch.device:

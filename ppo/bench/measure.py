@@ -216,6 +216,7 @@ def rollout_throughput(
     eot, pad = ac.tokenizer.eos_token_id, ac.tokenizer.pad_token_id
     model = ac.model
     engines: dict[str, Callable[[], int]] = {
+        "static": lambda: count_tokens(static_turn(model, contexts, new_tokens, eot, pad)),
         "batched": lambda: count_tokens(
             generate_turn(model, contexts, merge_lora=False, **_gen_kw(new_tokens, eot, pad))
         ),
@@ -241,6 +242,22 @@ def rollout_throughput(
             out[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
             log(f"  rollout {name}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:,.0f} tokens/s")
     return out
+
+
+def static_turn(model, contexts: list[list[int]], new_tokens: int, eot: int, pad: int) -> list[list[int]]:
+    """One turn of every context with a fresh `StaticEngine` (merged copy built inside, as in a rollout)."""
+    from ppo.engine import StaticEngine
+
+    engine = StaticEngine(
+        model, rows=len(contexts), max_context=max(map(len, contexts)) + new_tokens, pad_id=pad
+    )
+    try:
+        rows = list(range(len(contexts)))
+        return engine.sample(
+            rows, contexts, max_new_tokens=new_tokens, temperature=1.0, end_of_turn_id=eot
+        ).tokens
+    finally:
+        engine.close()
 
 
 def _gen_kw(new_tokens: int, eot: int, pad: int) -> dict[str, Any]:
