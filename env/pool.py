@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future, wait
 from typing import Any
 
 import anyio
@@ -71,6 +72,23 @@ class EnvPool:
             env._check_can_step(text)
         results = iter(self._gather([_bind(env._astep, text) for env, text in active]))
         return [None if text is None else next(results) for text in texts]
+
+    def submit(self, i: int, text: str) -> Future[StepResult]:
+        """Start env i's step with `text` on the loop and return at once: its result, or its error, is the
+        future's. The rollout submits each episode's turn as soon as it is sampled, so tool calls run while the
+        other episodes are still generating. Collect with `results`."""
+        env = self.envs[i]
+        env._check_can_step(text)
+        return self._portal.start_task_soon(env._astep, text)
+
+    @staticmethod
+    def results(futures: Sequence[Future[StepResult]]) -> list[StepResult]:
+        """The submitted steps' results in order, once every one has finished; the first error is raised."""
+        wait(futures)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+        return [f.result() for f in futures]
 
     def close(self) -> None:
         """Close every env's session, then the shared loop thread."""

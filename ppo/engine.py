@@ -4,9 +4,10 @@ Letters: B rows (slots of the cache), T new tokens of a prefill, S cache positio
 heads, G = H / K query heads per key/value head, D head size, V vocabulary.
 
 `StaticEngine` is the fast path, for the Llama family of decoders (Qwen3, Qwen2, Llama; Qwen3-1.7B is the
-default policy). It runs a copy of the policy whose 4-bit base is dequantized once per rollout (see
-`ppo.generation.merged_copy`) with the LoRA adapters beside it, unmerged, computed as peft computes them, its own
-attention over a KV cache allocated once per rollout, and on a GPU a CUDA graph per decoding shape:
+default policy). It runs a copy of the policy made once per rollout, its 4-bit base dequantized and the active
+LoRA adapter merged in (`ppo.generation.merged_copy`; ``merge_lora=False`` keeps the adapter beside the base,
+computed as peft computes it), its own attention over a KV cache allocated once per rollout, and on a GPU a CUDA
+graph per decoding shape:
 
 - **one cache for the whole rollout.** Each episode owns a slot (a row of the cache) from its first turn to its
   last. A later turn prefills only the tokens appended since (the tool's answer and the next turn's header): the
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import torch
@@ -48,6 +50,14 @@ from ppo.generation import TurnSample, merged_copy, sample_turn
 SUPPORTED_TYPES = ("qwen3", "qwen2", "llama")
 """``config.model_type`` values whose decoder layers `StaticEngine` reimplements (pre-norm RMSNorm, RoPE,
 grouped-query attention with an optional per-head q/k RMSNorm, a gated MLP called as the model's own module)."""
+
+
+STATIC_ROPE = {None, "default", "linear", "llama3", "yarn"}
+"""RoPE variants whose cos/sin tables depend on the position alone, so one table serves the whole rollout."""
+
+
+TurnEnd = Callable[[int, list[int]], None]
+"""``on_turn_end(k, tokens)``: request k's turn is complete (its final tokens), though others may still run."""
 
 
 class Engine(Protocol):
@@ -61,6 +71,7 @@ class Engine(Protocol):
         max_new_tokens: int,
         temperature: float,
         end_of_turn_id: int,
+        on_turn_end: TurnEnd | None = None,
     ) -> TurnSample: ...
 
     def close(self) -> None: ...
@@ -79,8 +90,12 @@ def static_support(model: nn.Module) -> str | None:
     if any(getattr(c, "use_dora", False) for c in getattr(model, "peft_config", {}).values()):
         return "DoRA adapters are not plain LoRA"
     rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
-        return "dynamic RoPE scaling depends on the sequence length"
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if kind not in STATIC_ROPE:
+        # e.g. dynamic NTK or longrope: Hugging Face recomputes the frequencies from the sequence length.
+        return (
+            f"RoPE type {kind!r} changes with the sequence length (supported: {sorted(STATIC_ROPE - {None})})"
+        )
     return None
 
 
@@ -111,8 +126,10 @@ class LoopEngine:
         self.model = model
         self.pad_id = _pad_id(model) if pad_id is None else pad_id
 
-    def sample(self, rows, contexts, *, max_new_tokens, temperature, end_of_turn_id) -> TurnSample:
-        return sample_turn(
+    def sample(
+        self, rows, contexts, *, max_new_tokens, temperature, end_of_turn_id, on_turn_end=None
+    ) -> TurnSample:
+        out = sample_turn(
             self.model,
             contexts,
             max_new_tokens=max_new_tokens,
@@ -120,6 +137,10 @@ class LoopEngine:
             end_of_turn_id=end_of_turn_id,
             pad_id=self.pad_id,
         )
+        for k, tokens in enumerate(out.tokens):  # all turns end together here
+            if on_turn_end is not None:
+                on_turn_end(k, tokens)
+        return out
 
     def close(self) -> None:
         self.model = None
@@ -196,6 +217,7 @@ class StaticEngine:
         self.v_cache: list[torch.Tensor] = []
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.pool = None
+        self.side = None  # the stream graph warm-ups run on
         long = dict(dtype=torch.long, device=self.device)
         self.tok_in = torch.zeros(rows, **long)  # the token each slot feeds at the next step
         # The position each slot's next token goes to (= the slot's length); the bin when idle.
@@ -215,11 +237,14 @@ class StaticEngine:
         max_new_tokens: int,
         temperature: float,
         end_of_turn_id: int,
+        on_turn_end: TurnEnd | None = None,
     ) -> TurnSample:
         """One turn for episode `rows` (indices in ``range(self.rows)``) whose full token lists are `contexts`.
 
         Returns each row's new ids up to and including ``end_of_turn_id`` (absent when the row ran out of
         ``max_new_tokens``) and the log-prob of each under ``softmax(logits / temperature)`` (greedy: at 1).
+        ``on_turn_end(k, tokens)`` is called once per request as soon as its turn is known complete (within
+        ``check_every`` steps of its end), while longer turns go on: the rollout starts its tool calls there.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}.")
@@ -242,7 +267,17 @@ class StaticEngine:
         self.tok_in[:n] = first
         self.step_at.zero_()
         lengths = [len(c) for c in contexts]  # per request: the position its next fed token goes to
-        alive = self._still_writing(list(range(n)), tokens, end_of_turn_id)  # front slot s plays alive[s]
+        # Front slot s plays request alive[s]; a slot's valid tokens lie below max(lengths).
+        alive = self._still_writing(list(range(n)), tokens, end_of_turn_id, positions=max(lengths))
+        reported: set[int] = set()
+
+        def report(requests: Iterable[int]) -> None:
+            for i in requests:
+                if on_turn_end is not None and i not in reported:
+                    reported.add(i)
+                    on_turn_end(i, tokens[i])
+
+        report(sorted(set(range(n)) - set(alive)))  # turns that ended at their first token
         done_steps = 1
         while alive and done_steps < max_new_tokens:
             run = min(self.check_every if self.bucketed else 1, max_new_tokens - done_steps)
@@ -260,7 +295,9 @@ class StaticEngine:
                     logprobs[i].append(lp)
                     if tok == end_of_turn_id:
                         break  # later draws of this row were made after its turn ended: dropped
-            alive = self._still_writing(alive, tokens, end_of_turn_id)
+            before, alive = alive, self._still_writing(alive, tokens, end_of_turn_id, positions=max(lengths))
+            report(sorted(set(before) - set(alive)))
+        report(range(n))  # the rest ran out of max_new_tokens
         for i, (row, ctx) in enumerate(zip(rows, contexts, strict=True)):
             # Every sampled token but the last was fed (the last one ended the turn or the budget).
             self.cached[self.slot_of[row]] = ctx + tokens[i][:-1]
@@ -270,7 +307,7 @@ class StaticEngine:
     def close(self) -> None:
         """Free the cache, the graphs and the merged copy (call when the rollout ends)."""
         self.graphs.clear()
-        self.k_cache, self.v_cache, self.pool = [], [], None
+        self.k_cache, self.v_cache, self.pool, self.side = [], [], None, None
         self.lm = self.embed = self.layers = self.norm = self.rotary = self.head = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -304,36 +341,43 @@ class StaticEngine:
             self.hist_logp = torch.zeros(self.rows, self.width, dtype=torch.float32, device=self.device)
             self.graphs.clear()
 
-    def _permute(self, order: list[int]) -> None:
-        """Slot ``s`` takes the contents of slot ``order[s]`` (cache, inputs, bookkeeping)."""
-        if order == list(range(len(order))):
+    def _permute(self, order: list[int], positions: int) -> None:
+        """Slot ``s`` takes the contents of slot ``order[s]`` for ``s < len(order)`` (the other slots stay).
+
+        Only cache positions ``< positions`` are moved: every slot's valid tokens lie below it."""
+        m = len(order)
+        if order == list(range(m)):
             return
         index = torch.tensor(order, device=self.device)
         for cache in (*self.k_cache, *self.v_cache):
-            cache.copy_(cache[index])  # one layer at a time: the temporary is one layer's cache
+            held = cache[:m, :, :positions]
+            held.copy_(held[index])  # one layer at a time: the temporary is the moved part of one layer
         for buf in (self.tok_in, self.pos_in, self.hist_tok, self.hist_logp):
-            buf.copy_(buf[index])
-        self.cached = [self.cached[s] for s in order]
-        self.row_of = [self.row_of[s] for s in order]
-        for slot, row in enumerate(self.row_of):
-            self.slot_of[row] = slot
+            buf[:m] = buf[index]
+        self.cached[:m] = [self.cached[s] for s in order]
+        self.row_of[:m] = [self.row_of[s] for s in order]
+        for slot in range(m):
+            self.slot_of[self.row_of[slot]] = slot
 
     def _front(self, rows: list[int]) -> None:
         """Move the slots of `rows` to the front, in the order given."""
         chosen = [self.slot_of[r] for r in rows]
         taken = set(chosen)
         rest = [s for s in range(self.rows) if s not in taken]
-        self._permute(chosen + rest)
+        self._permute(chosen + rest, positions=max(len(c) for c in self.cached))
 
-    def _still_writing(self, alive: list[int], tokens: list[list[int]], end_of_turn_id: int) -> list[int]:
+    def _still_writing(
+        self, alive: list[int], tokens: list[list[int]], end_of_turn_id: int, positions: int
+    ) -> list[int]:
         """Compact the front slots (slot s plays request ``alive[s]``) to the requests whose turn goes on.
 
-        The slots of the rows that ended move behind, keeping their cache; they write to the bin from now on."""
+        The slots of the rows that ended move behind, keeping their cache (valid below `positions`); they write
+        to the bin from now on."""
         keep = [s for s, i in enumerate(alive) if tokens[i][-1] != end_of_turn_id]
         if len(keep) < len(alive):
             kept = set(keep)
             others = [s for s in range(len(alive)) if s not in kept]
-            self._permute(keep + others + list(range(len(alive), self.rows)))
+            self._permute(keep + others, positions)
             self.pos_in[len(keep) :] = self.capacity
         return [alive[s] for s in keep]
 
@@ -423,7 +467,7 @@ class StaticEngine:
         x = x + block.self_attn.o_proj(attn_out)
         return x + block.mlp(block.post_attention_layernorm(x))
 
-    def _decode_step(self, b: int, span: int, greedy: bool) -> None:
+    def _decode_step(self, b: int, span: int, greedy: bool, seeded: bool) -> None:
         """One token for the first `b` slots, attending positions ``< span``: the body a CUDA graph captures."""
         tok, pos = self.tok_in[:b], self.pos_in[:b]  # (B,), (B,)
         x = self.embed(tok)  # (B, hidden)
@@ -439,18 +483,12 @@ class StaticEngine:
             kc[slots, :, pos] = k
             vc[slots, :, pos] = v
             q = q.view(b, self.kv_heads, group, self.head_dim)  # (B, K, G, D): no copy of keys per group
-            keys = kc[:b, :, :span]  # (B, K, span, D), a view
-            if self.fp32_scores:  # q.k accumulated and kept in fp32, as fused attention kernels do
-                flat = keys.reshape(b * self.kv_heads, span, self.head_dim).transpose(1, 2)  # still a view
-                scores = torch.bmm(q.reshape(b * self.kv_heads, group, -1), flat, out_dtype=torch.float32)
-                scores = scores.view(b, self.kv_heads, group, span) * self.scale  # (B, K, G, span)
-            else:
-                scores = (q @ keys.transpose(-1, -2)).float() * self.scale  # (B, K, G, span)
+            scores = _scores(q, kc[:b, :, :span], self.scale, self.fp32_scores)  # (B, K, G, span)
             scores = scores.masked_fill(hidden[:, None, None], float("-inf"))
             probs = scores.softmax(-1).to(self.dtype)
             out = (probs @ vc[:b, :, :span]).reshape(b, -1)  # (B, H * D)
             x = self._finish_layer(block, x, out)
-        new, logp = self._draw(self.head(self.norm(x)), greedy, seeded=not self.graphs_on)
+        new, logp = self._draw(self.head(self.norm(x)), greedy, seeded=seeded)
         col = self.step_at.expand(b)
         self.hist_tok[slots, col] = new
         self.hist_logp[slots, col] = logp
@@ -474,12 +512,12 @@ class StaticEngine:
     def _step(self, b: int, span: int, greedy: bool) -> None:
         """Run one decoding step: exact shapes, bucketed shapes, or the replay of the CUDA graph of its bucket."""
         if not self.bucketed:
-            self._decode_step(b, span, greedy)
+            self._decode_step(b, span, greedy, seeded=True)
             return
         rows = _bucket(b, 1, self.rows)
         positions = _bucket(span, 128, self.capacity)
         if not self.graphs_on:
-            self._decode_step(rows, positions, greedy)
+            self._decode_step(rows, positions, greedy, seeded=True)
             return
         key = (rows, positions, greedy)
         if key not in self.graphs:
@@ -489,10 +527,12 @@ class StaticEngine:
     def _capture(self, b: int, span: int, greedy: bool) -> torch.cuda.CUDAGraph:
         """Capture `_decode_step` for a bucket. The warm-up run's writes are those of the first replay."""
         saved = (self.tok_in.clone(), self.pos_in.clone(), self.step_at.clone())
-        side = torch.cuda.Stream()
+        if self.side is None:  # one side stream: blocks freed by a warm-up are reused by the next one
+            self.side = torch.cuda.Stream()
+        side = self.side
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._decode_step(b, span, greedy)  # warm-up: kernels chosen, workspaces allocated
+            self._decode_step(b, span, greedy, seeded=False)  # warm-up: kernels chosen, workspaces allocated
         torch.cuda.current_stream().wait_stream(side)
         for buf, old in zip((self.tok_in, self.pos_in, self.step_at), saved, strict=True):
             buf.copy_(old)
@@ -500,7 +540,7 @@ class StaticEngine:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._decode_step(b, span, greedy)
+            self._decode_step(b, span, greedy, seeded=False)
         for buf, old in zip((self.tok_in, self.pos_in, self.step_at), saved, strict=True):
             buf.copy_(old)  # capture does not run the kernels, but restore anyway: replay starts from here
         return graph
@@ -546,6 +586,18 @@ class _LoRALinear(nn.Module):
             low = nn.functional.linear(nn.functional.linear(x.to(a.dtype), a), scaled_b)
             y = y + low.to(y.dtype)
         return y
+
+
+def _scores(q: torch.Tensor, keys: torch.Tensor, scale: float, fp32_bmm: bool) -> torch.Tensor:
+    """fp32 attention scores of (B, K, G, D) queries on (B, K, S, D) keys (a view of the cache): (B, K, G, S).
+
+    With `fp32_bmm` the products are accumulated and kept in fp32 (``torch.bmm(..., out_dtype=float32)``, as
+    fused attention kernels do); else they are rounded to the inputs' dtype first, then widened."""
+    b, k, g, d = q.shape
+    if fp32_bmm:
+        flat = keys.reshape(b * k, keys.shape[2], d).transpose(1, 2)  # (B K, D, S), still a view of the cache
+        return torch.bmm(q.reshape(b * k, g, d), flat, out_dtype=torch.float32).view(b, k, g, -1) * scale
+    return (q @ keys.transpose(-1, -2)).float() * scale
 
 
 def _fp32_scores_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -21,6 +21,7 @@ time-limit artefact of an endless task.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +134,7 @@ class RolloutBatch:
     episodes: list[Episode]
     generated_tokens: int
     generation_seconds: float
-    env_seconds: float
+    env_seconds: float  # tool time not hidden behind generation (calls start as each turn ends)
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -208,23 +209,12 @@ def collect_rollouts(
             active = [i for i, e in enumerate(episodes) if not e.done]
             if not active:
                 break
-            start = time.perf_counter()
-            with actor_critic.policy():
-                turns = runner.sample(
-                    active,
-                    [episodes[i].ids for i in active],
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    end_of_turn_id=chat.end_of_turn_id,
-                ).tokens
-            gen_seconds += time.perf_counter() - start
+            turns, results, seconds = _play_turn(
+                runner, actor_critic, chat, pool, episodes, active, max_new_tokens, temperature
+            )
+            gen_seconds += seconds[0]
+            env_seconds += seconds[1]
             gen_tokens += sum(len(t) for t in turns)
-            texts: list[str | None] = [None] * len(episodes)
-            for i, turn in zip(active, turns, strict=True):
-                texts[i] = chat.decode_turn(turn)
-            start = time.perf_counter()
-            results = pool.step(texts)
-            env_seconds += time.perf_counter() - start
             for i, turn in zip(active, turns, strict=True):
                 _record_turn(chat, episodes[i], turn, results[i])
     finally:
@@ -238,6 +228,40 @@ def collect_rollouts(
         generation_seconds=gen_seconds,
         env_seconds=env_seconds,
     )
+
+
+def _play_turn(runner, actor_critic, chat, pool, episodes, active, max_new_tokens, temperature):
+    """Sample one turn of the `active` episodes and step their envs. Each episode's tool calls start as soon as
+    its turn is final (`Engine.sample`'s ``on_turn_end``), while longer turns are still being sampled.
+
+    Returns the turns, the env results by episode index, and (generation seconds, tool seconds that generation
+    did not hide)."""
+    submitted: dict[int, Future] = {}
+
+    def submit(k: int, turn: list[int]) -> None:
+        submitted[active[k]] = pool.submit(active[k], chat.decode_turn(turn))
+
+    start = time.perf_counter()
+    try:
+        with actor_critic.policy():
+            turns = runner.sample(
+                active,
+                [episodes[i].ids for i in active],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                end_of_turn_id=chat.end_of_turn_id,
+                on_turn_end=submit,
+            ).tokens
+    except BaseException:
+        wait(list(submitted.values()))  # no env is left mid-step behind the error
+        raise
+    generation = time.perf_counter() - start
+    start = time.perf_counter()
+    for k, turn in enumerate(turns):  # an engine that did not report a turn: submitted now
+        if active[k] not in submitted:
+            submit(k, turn)
+    results = dict(zip(active, pool.results([submitted[i] for i in active]), strict=True))
+    return turns, results, (generation, time.perf_counter() - start)
 
 
 def _record_turn(chat: ChatFormat, episode: Episode, turn: list[int], result: tuple[Any, ...]) -> None:

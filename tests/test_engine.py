@@ -13,6 +13,7 @@ from tests.test_generation import (
     CONTEXTS,
     PAD,
     VOCAB,
+    _base_model,
     _cut,
     _reference_greedy,
     _score_turns,
@@ -31,41 +32,9 @@ def _lora(base):
     return get_peft_model(base, config, adapter_name="policy").eval()
 
 
-def _base(kind: str):
-    """A small random causal LM of the given family, GQA (4 query heads on 2 key/value heads)."""
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
-
-    classes = {
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-        "llama": (LlamaConfig, LlamaForCausalLM),
-    }
-    config_class, model_class = classes[kind]
-    config = config_class(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        tie_word_embeddings=kind != "llama",
-        pad_token_id=PAD,
-    )
-    torch.manual_seed(0)
-    return model_class(config).eval()
-
-
 @pytest.fixture(scope="module")
 def qwen3():
-    return _lora(_base("qwen3"))
+    return _lora(_base_model("qwen3"))
 
 
 def _engine(model, rows=4, **kw) -> StaticEngine:
@@ -83,7 +52,7 @@ def _greedy_reference(model, contexts, steps=STEPS):
 @pytest.mark.parametrize("buckets", [False, True])
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2", "llama"])
 def test_greedy_equals_full_recompute_reference(kind, buckets):
-    model = _lora(_base(kind))
+    model = _lora(_base_model(kind))
     expected, eot = _greedy_reference(model, CONTEXTS)
     # The case must exercise early stops: rows end at (at least) two different steps, one before the last.
     assert len({len(e) for e in expected}) >= 2 and min(len(e) for e in expected) < STEPS
@@ -121,27 +90,86 @@ def test_unmerged_adapters_sample_the_same_policy(qwen3):
 
 @pytest.mark.parametrize("buckets", [False, True])
 def test_later_turns_from_the_cache_equal_a_fresh_engine(qwen3, buckets):
-    """Three turns on shifting subsets of rows, in shuffled order, with a cache that grows between turns."""
+    """Three turns on shifting subsets of rows, in shuffled order, rows ending mid-turn (their slots compacted
+    behind the others), with a cache that grows between turns."""
+    _, eot = _greedy_reference(qwen3, CONTEXTS)  # an end-of-turn id at which rows stop at different steps
     engine = _engine(qwen3, buckets=buckets, check_every=4)
     contexts = [list(c) for c in CONTEXTS]
     plans = [[0, 1, 2, 3], [2, 0, 3], [3, 1]]  # rows asked each turn (episodes end, the order changes)
+    lengths = set()
     for turn, rows in enumerate(plans):
         asked = [contexts[r] for r in rows]
-        got = engine.sample(rows, asked, max_new_tokens=STEPS, temperature=0, end_of_turn_id=-1)
-        fresh = _engine(qwen3).sample(
-            list(range(len(rows))), asked, max_new_tokens=STEPS, temperature=0, end_of_turn_id=-1
-        )
+        kw = {"max_new_tokens": STEPS, "temperature": 0, "end_of_turn_id": eot}
+        got = engine.sample(rows, asked, **kw)
+        fresh = _engine(qwen3).sample(list(range(len(rows))), asked, **kw)
         assert got.tokens == fresh.tokens
-        torch.testing.assert_close(
-            torch.tensor(got.logprobs), torch.tensor(fresh.logprobs), atol=1e-5, rtol=0
-        )
+        flat = [torch.tensor([lp for row in t.logprobs for lp in row]) for t in (got, fresh)]
+        torch.testing.assert_close(*flat, atol=1e-5, rtol=0)
         for r, new in zip(rows, got.tokens, strict=True):
             contexts[r] += [*new, 40 + turn, 41 + turn]  # a tool answer and the next turn's header
+            lengths.add(len(new))
+    assert len(lengths) >= 2 and min(lengths) < STEPS  # some rows ended before others: slots were compacted
     # The cache grew (grow=8) and later turns fed only what was appended since the row's last turn.
     assert engine.capacity > 8
     first = sum(len(c) for c in CONTEXTS)
     appended = sum(2 + 1 for rows in plans[1:] for _ in rows)  # 2 appended ids + the turn's last id
     assert engine.prefilled_tokens == first + appended
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_each_turn_is_reported_once_as_soon_as_it_ends(qwen3, buckets):
+    expected, eot = _greedy_reference(qwen3, CONTEXTS)
+    calls = []
+    engine = _engine(qwen3, buckets=buckets, check_every=3)
+    got = engine.sample(
+        [0, 1, 2, 3],
+        CONTEXTS,
+        max_new_tokens=STEPS,
+        temperature=0,
+        end_of_turn_id=eot,
+        on_turn_end=lambda k, tokens: calls.append((k, list(tokens))),
+    )
+    assert got.tokens == expected
+    assert sorted(k for k, _ in calls) == [0, 1, 2, 3]  # once each
+    assert all(tokens == expected[k] for k, tokens in calls)  # with the turn's final tokens
+    # Reported in the order the turns ended: to the step without buckets, to the window of 3 steps with them.
+    ends = [len(tokens) if not buckets else -(-(len(tokens) - 1) // 3) for _, tokens in calls]
+    assert ends == sorted(ends) and len(set(ends)) >= 2
+
+
+def test_prefills_split_into_groups_keep_each_rows_context(qwen3):
+    """A small prefill budget splits the rows into several forward passes over different slots."""
+    expected, eot = _greedy_reference(qwen3, CONTEXTS)
+    engine = _engine(qwen3, prefill_tokens=10)
+    got = engine.sample([0, 1, 2, 3], CONTEXTS, max_new_tokens=STEPS, temperature=0, end_of_turn_id=eot)
+    assert got.tokens == expected
+
+
+def test_fp32_score_path_equals_the_plain_one(qwen3, monkeypatch):
+    """The CUDA path (``torch.bmm(..., out_dtype=float32)`` over a reshaped view of the cache) is emulated on the
+    CPU: its reshapes, views and scale must give the plain path's scores."""
+    plain = _engine(qwen3).sample(
+        [0, 1, 2, 3], CONTEXTS, max_new_tokens=STEPS, temperature=0, end_of_turn_id=-1
+    )
+    bmm = torch.bmm
+
+    def bmm_out_dtype(a, b, *, out_dtype):
+        return bmm(a.to(out_dtype), b.to(out_dtype))
+
+    monkeypatch.setattr(torch, "bmm", bmm_out_dtype)
+    engine = _engine(qwen3)
+    engine.fp32_scores = True
+    got = engine.sample([0, 1, 2, 3], CONTEXTS, max_new_tokens=STEPS, temperature=0, end_of_turn_id=-1)
+    assert got.tokens == plain.tokens
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(plain.logprobs), atol=1e-5, rtol=0)
+
+
+def test_close_frees_the_cache_and_the_copy(qwen3):
+    engine = _engine(qwen3)
+    engine.sample([0], [CONTEXTS[0]], max_new_tokens=2, temperature=1.0, end_of_turn_id=-1)
+    assert engine.k_cache and engine.lm is not None
+    engine.close()
+    assert engine.k_cache == [] and engine.v_cache == [] and engine.lm is None and engine.graphs == {}
 
 
 def test_a_context_that_changed_is_fed_again_from_the_start(qwen3):
@@ -254,8 +282,20 @@ def test_other_architectures_fall_back_to_the_loop_engine():
     assert "gpt2" in static_support(gpt2)
     from peft import LoraConfig, get_peft_model
 
-    dora = get_peft_model(_base("qwen3"), LoraConfig(r=2, target_modules="all-linear", use_dora=True))
+    dora = get_peft_model(_base_model("qwen3"), LoraConfig(r=2, target_modules="all-linear", use_dora=True))
     assert "DoRA" in static_support(dora)
+    for setting, reason in (
+        ({"use_sliding_window": True}, "sliding"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "RoPE type 'dynamic'"),
+        ({"rope_scaling": {"rope_type": "longrope"}}, "RoPE type 'longrope'"),
+    ):
+        model = _base_model("qwen3")
+        for key, value in setting.items():
+            setattr(model.config, key, value)
+        assert reason in static_support(model), setting
+    model = _base_model("llama")
+    model.config.rope_scaling = {"rope_type": "llama3", "factor": 8.0}
+    assert static_support(model) is None  # a fixed table per position: supported
     with pytest.warns(UserWarning, match="using 'loop'"):
         engine = make_engine(gpt2, kind="static", rows=2, max_context=32, pad_id=PAD)
     assert isinstance(engine, LoopEngine)
@@ -272,7 +312,7 @@ def test_other_architectures_fall_back_to_the_loop_engine():
 def test_cuda_graphs_equal_the_reference_on_cuda():
     """fp32 on the GPU: graph replays (several row and position buckets, compaction, two turns) against the
     slow reference and against the same engine without graphs."""
-    model = _lora(_base("qwen3"))
+    model = _lora(_base_model("qwen3"))
     expected, eot = _greedy_reference(model, CONTEXTS, steps=20)  # on the CPU
     model.cuda()
     graphs = StaticEngine(model, rows=4, max_context=200, pad_id=PAD, check_every=3)

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -73,3 +74,31 @@ def benchmark_pool(num_envs=32, latency=0.05, turns=5):
 
 if __name__ == "__main__":
     benchmark_pool()
+
+
+def test_submitted_steps_run_in_the_background_and_equal_step():
+    server = build_server()
+    with EnvPool(2, server, TASKS) as pool:
+        pool.reset(task_ids=["add", "add"])
+        add = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+        slow = pool.submit(0, slow_call(0.3))
+        quick = pool.submit(1, add)
+        assert not slow.done()  # submit returned before the call finished
+        slow_result, quick_result = EnvPool.results([slow, quick])
+        assert slow_result[4]["status"] == "tool_execution"
+        assert quick_result[4]["status"] == "success" and quick_result[1] == 10.0
+        with pytest.raises(RuntimeError, match="after the episode ended"):
+            pool.submit(1, add)  # misuse is refused at once, as by step
+
+
+def test_results_wait_for_every_step_then_raise_the_first_error():
+    from concurrent.futures import Future
+
+    failed, late = Future(), Future()
+    failed.set_exception(ValueError("the server went away"))
+    timer = threading.Timer(0.2, lambda: late.set_result("ok"))  # still running when results() is called
+    timer.start()
+    with pytest.raises(ValueError, match="went away"):
+        EnvPool.results([failed, late])
+    assert late.done()  # the error was raised only once every step had finished
+    timer.join()

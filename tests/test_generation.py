@@ -19,10 +19,24 @@ CONTEXTS = [
 ]
 
 
-def _base_model():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def _base_model(kind: str = "qwen3"):
+    """A small random causal LM of the given family (qwen3, qwen2 or llama), 4 query heads on 2 key/value heads."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    config = Qwen3Config(
+    classes = {
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+    }
+    config_class, model_class = classes[kind]
+    config = config_class(
         vocab_size=VOCAB,
         hidden_size=64,
         num_hidden_layers=2,
@@ -30,11 +44,11 @@ def _base_model():
         num_key_value_heads=2,
         head_dim=16,
         intermediate_size=128,
-        tie_word_embeddings=True,
+        tie_word_embeddings=kind != "llama",
         pad_token_id=PAD,
     )
     torch.manual_seed(0)
-    return Qwen3ForCausalLM(config).eval()
+    return model_class(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 
 import pytest
 import torch
@@ -164,3 +165,52 @@ def test_episode_that_outgrows_the_context_is_cut_and_counted(chat, monkeypatch)
     (episode,) = batch.episodes
     assert episode.cut and episode.truncated and not episode.statuses
     assert policy.calls == 0 and batch.action_mask.sum() == 0
+
+
+class SlowSecondTurn:
+    """An engine whose first episode's turn ends at once and whose second keeps generating until the first
+    episode's tool call has run to its end: possible only if tool calls start while generation goes on."""
+
+    def __init__(self, pool, turns):
+        self.pool, self.turns, self.waited = pool, turns, 0.0
+
+    def make_engine(self, model, **_kw):
+        return self
+
+    def sample(self, rows, contexts, *, on_turn_end=None, **_kw):
+        on_turn_end(0, self.turns[0])
+        first = self.pool.envs[rows[0]]._episode
+        start = time.monotonic()
+        while not first.done:  # set when the env's step, tool call included, is over
+            assert time.monotonic() - start < 30, "the first turn's tool call did not run during generation"
+            time.sleep(0.005)
+        self.waited = time.monotonic() - start
+        on_turn_end(1, self.turns[1])
+        return TurnSample(self.turns, [[-1.0] * len(t) for t in self.turns])
+
+    def policy(self):
+        return contextlib.nullcontext(self)
+
+    def close(self):
+        pass
+
+    model = torch.nn.Linear(1, 1)
+
+
+def test_tool_calls_start_while_other_turns_are_still_sampled(chat, monkeypatch):
+    eot = chat.end_of_turn_id
+    turns = [[*chat.encode(call("6 * 7")), eot], [*chat.encode(call("2 + 2")), eot]]
+    with EnvPool(2, tasks=TASKS) as pool:
+        engine = SlowSecondTurn(pool, turns)
+        monkeypatch.setattr(rollout, "make_engine", engine.make_engine)
+        batch = collect_rollouts(
+            engine,
+            chat,
+            pool,
+            ["calc-ok", "calc-two-turns"],
+            max_new_tokens=64,
+            max_context=4000,
+            temperature=1.0,
+        )
+    assert [e.statuses for e in batch.episodes] == [["success"], ["success"]]
+    assert all(e.success and e.terminated for e in batch.episodes)
