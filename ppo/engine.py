@@ -190,7 +190,7 @@ class StaticEngine:
             raise ValueError(f"StaticEngine cannot run this model: {reason}.")
         if rows < 1 or max_context < 2:
             raise ValueError(f"need rows >= 1 and max_context >= 2, got {rows} and {max_context}.")
-        self.lm = _dense_copy(model, merge_lora)
+        self.lm = dense_copy(model, merge_lora)
         inner = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.model
         self.embed, self.layers, self.norm = inner.embed_tokens, list(inner.layers), inner.norm
         self.rotary, self.head = inner.rotary_emb, self.lm.get_output_embeddings()
@@ -547,7 +547,7 @@ class StaticEngine:
 
 
 @torch.no_grad()
-def _dense_copy(model: nn.Module, merge_lora: bool) -> nn.Module:
+def dense_copy(model: nn.Module, merge_lora: bool) -> nn.Module:
     """The model for sampling: the base dequantized once, the active LoRA adapter merged in or kept beside it."""
     copy = merged_copy(model, merge_adapters=merge_lora).eval()  # the same object when nothing to dequantize
     if merge_lora or copy is model:

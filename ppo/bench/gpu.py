@@ -4,12 +4,14 @@ of 32 episodes x 1024 tokens measured phase by phase (rollout, scoring, update),
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from models.scoring import position_ids_from_mask, token_logprobs
 from ppo.bench.measure import (
     BF16,
     QWEN3_1_7B_SHAPE,
@@ -25,7 +27,7 @@ from ppo.bench.measure import (
     timed,
     train_step,
 )
-from ppo.engine import StaticEngine, make_engine
+from ppo.engine import StaticEngine, dense_copy, make_engine
 from ppo.generation import left_pad
 
 
@@ -60,6 +62,7 @@ def run_gpu(
     contexts = random_contexts(episodes, prompt, ac.config.vocab_size)
     _iteration(rec, gpu, ac, contexts, new_tokens, micro)  # its tensors and optimizer are freed on return
     engines: dict[str, Any] = gpu.setdefault("engines", {"episodes": episodes, "new_tokens": short})
+    samples: dict[str, Any] = {}
     for name, kw in (
         ("static", {"engine": "static"}),
         ("static_unmerged", {"engine": "static", "merge_lora": False}),
@@ -68,10 +71,10 @@ def run_gpu(
     ):
         out = rec.attempt(engines, name, lambda kw=kw: engine_rollout(ac, contexts, short, **kw))
         if "sample" in out:
-            engines[f"{name}_sampler_vs_policy_logprob_gap"] = sampler_gap(
-                ac, contexts, out.pop("sample"), micro
-            )
+            samples[name] = out.pop("sample")
+            engines[f"{name}_sampler_vs_policy_logprob_gap"] = sampler_gap(ac, contexts, samples[name], micro)
     rec.attempt(gpu, "graphs_equal_eager", lambda: graphs_equal_eager(ac, contexts[:8], short // 2))
+    rec.attempt(gpu, "logprob_error_vs_fp32", lambda: fp32_errors(ac, contexts[:8], samples))
 
 
 def _iteration(
@@ -178,6 +181,47 @@ def sampler_gap(ac, contexts: list[list[int]], sample, micro: int) -> dict[str, 
                 gaps.append((policy - torch.tensor(turn)).abs())
     every = torch.cat(gaps)
     return {"max": float(every.max()), "mean": float(every.mean()), "tokens": every.numel()}
+
+
+@torch.no_grad()
+def fp32_errors(ac, contexts: list[list[int]], samples: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """|log-prob - exact log-prob| over the first rows' sampled tokens, for each engine's sampler and for the
+    scoring pass PPO trains on; exact is the policy computed in fp32 (its dequantized base, the adapter beside
+    it). `sampler_gap` says that two bf16 computations differ; this says which of them is off, and by how much."""
+    pad, device = ac.tokenizer.pad_token_id, _device(ac)
+    with ac.policy():
+        exact_model = dense_copy(ac.model, merge_lora=False)
+    if exact_model is ac.model:  # nothing to dequantize: copy before widening, never widen the policy itself
+        exact_model = copy.deepcopy(exact_model)
+    exact_model = exact_model.float()
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for name, sample in samples.items():
+            turns = sample.tokens[: len(contexts)]
+            ids, mask = left_pad([c + t for c, t in zip(contexts, turns, strict=True)], pad)
+            ids, mask = ids.to(device), mask.to(device)
+            hidden = exact_model.get_decoder()(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+            ).last_hidden_state
+            exact = token_logprobs(hidden, ids, mask, exact_model.get_output_embeddings())["logprobs"]
+            with ac.policy():
+                scored = ac.score(ids, mask, temperature=1.0)["logprobs"].float()
+            width = ids.shape[1]
+            for key, rows in ((name, sample.logprobs), (f"{name}_scoring_pass", None)):
+                errors = []
+                for r, turn in enumerate(turns):
+                    got = torch.tensor(rows[r]) if rows is not None else scored[r, width - len(turn) :].cpu()
+                    errors.append((got - exact[r, width - len(turn) :].cpu()).abs())
+                every = torch.cat(errors)
+                out[key] = {"mean": float(every.mean()), "max": float(every.max())}
+            log(
+                f"  vs fp32: {name} sampler {out[name]['mean']:.4f}, scoring {out[name + '_scoring_pass']['mean']:.4f}"
+            )
+    finally:
+        del exact_model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
 
 
 @torch.no_grad()
