@@ -328,3 +328,35 @@ def test_cuda_graphs_equal_the_reference_on_cuda():
     assert got.tokens == want.tokens
     flat = [torch.tensor([lp for row in s.logprobs for lp in row]) for s in (got, want)]
     torch.testing.assert_close(*flat, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_equal_eager_steps_in_bf16_across_cache_growth():
+    """bf16 on the GPU (the fp32-score path where torch has it): replays equal eager steps on the same bucketed
+    shapes, exactly, over three turns whose growing contexts make the cache grow and the graphs be recaptured.
+    (Added after the last GPU session of issue 8: not yet run on a GPU.)"""
+    model = _lora(_base_model("qwen3")).to(torch.bfloat16).cuda()
+    engines = [
+        StaticEngine(
+            model,
+            rows=4,
+            max_context=400,
+            pad_id=PAD,
+            grow=8,
+            check_every=3,
+            cuda_graphs=graphs,
+            buckets=True,
+        )
+        for graphs in (True, False)
+    ]
+    contexts = [list(c) for c in CONTEXTS]
+    for turn, rows in enumerate([[0, 1, 2, 3], [2, 0, 3], [3, 1]]):
+        asked = [contexts[r] for r in rows]
+        got, want = (
+            e.sample(rows, asked, max_new_tokens=24, temperature=0, end_of_turn_id=-1) for e in engines
+        )
+        assert got.tokens == want.tokens and got.logprobs == want.logprobs, turn
+        for r, new in zip(rows, got.tokens, strict=True):
+            contexts[r] += [*new, 40, 41]
+    assert engines[0].capacity > 8 and engines[0].graphs  # grown, and graphs captured for the new buffers
