@@ -73,6 +73,10 @@ def test_every_cpu_measurement_ran(quick_results):
     memory = quick_results["cpu"]["memory"]
     for layout in ("policy_alone", "trainer", "three_copies"):
         assert memory[layout]["tensor_bytes"] > 0
+    fidelity = quick_results["cpu"]["bf16_logprob_error_vs_fp32"]
+    for key in ("static", "static_scoring_pass", "loop", "loop_scoring_pass"):
+        # bf16 rounding is there (> 0) and small (a wrong distribution would be off by whole nats)
+        assert 0 < fidelity[key]["mean"] <= fidelity[key]["max"] < 0.1, (key, fidelity[key])
     assert "gpu" not in quick_results  # the GPU was hidden from the subprocess
 
 

@@ -67,8 +67,10 @@ def cpu_model_section(
 
 
 def run_cpu(rec: Recorder, workdir: Path, quick: bool) -> None:
-    """The tiny preset and the mid-size model on the CPU, plus the memory layouts of the mid-size model."""
+    """The tiny preset and the mid-size model on the CPU, the memory layouts of the mid-size model, and the bf16
+    fidelity of the samplers."""
     from models.tiny import build_tiny, ensure_tiny
+    from ppo.bench.gpu import bf16_fidelity
 
     # Short prompts: the figure is decode throughput (a prompt's prefill costs the same batched or not).
     episodes, prompt, new_tokens = (4, 16, 8) if quick else (16, 32, 64)
@@ -90,6 +92,8 @@ def run_cpu(rec: Recorder, workdir: Path, quick: bool) -> None:
     mid = build_random_model(workdir / "mid", shape)
     mid_out = rec.attempt(cpu, "mid", lambda: cpu_model_section(rec, mid, **sizes))
     memory = rec.attempt(cpu, "memory", lambda: memory_layouts(mid))
+    log("cpu: bf16 log-prob error of the samplers and the scoring pass against fp32")
+    rec.attempt(cpu, "bf16_logprob_error_vs_fp32", lambda: bf16_fidelity(quick))
     results["rollout_speedup_vs_per_episode"] = mid_out.get("rollout_speedup_vs_per_episode")
     if "trainer" in memory:
         results["memory_ratio_vs_policy_alone"] = memory["trainer"]["ratio_vs_policy_alone"]

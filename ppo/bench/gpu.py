@@ -96,6 +96,43 @@ def _iteration(
     rec.attempt(it, "update", lambda: _peak_of(lambda: train_step(ac, optimizer, ids, micro)))
 
 
+def bf16_fidelity(quick: bool) -> dict[str, Any]:
+    """bf16 on the CPU: each engine's sampled log-probs, and the scoring pass's, against the policy computed in fp32
+    (`fp32_errors`), on a small random Qwen3 with a nonzero adapter. The GPU's figure is `logprob_error_vs_fp32`."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from models.actor_critic import ActorCritic
+
+    layers, rows, prompt, new_tokens = (2, 4, 16, 8) if quick else (4, 8, 64, 32)
+    config = Qwen3Config(
+        vocab_size=4096,
+        hidden_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=512,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    base = Qwen3ForCausalLM(config).to(BF16).eval()
+    model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), adapter_name="policy"
+    )
+    ac = ActorCritic(model, tokenizer=SimpleNamespace(pad_token_id=0), critic="shared", settings={})
+    _perturb_policy(ac)
+    contexts = random_contexts(rows, prompt, config.vocab_size)
+    samples = {}
+    for engine in ("static", "loop"):
+        torch.manual_seed(1)
+        samples[engine] = engine_rollout(ac, contexts, new_tokens, engine=engine)["sample"]
+    return {"rows": rows, "new_tokens": new_tokens, **fp32_errors(ac, contexts, samples)}
+
+
 def _perturb_policy(ac) -> None:
     """Make the policy adapter nonzero (B starts at 0), as after training: the merged copy must carry it."""
     with torch.no_grad():
@@ -193,7 +230,14 @@ def fp32_errors(ac, contexts: list[list[int]], samples: dict[str, Any]) -> dict[
         exact_model = dense_copy(ac.model, merge_lora=False)
     if exact_model is ac.model:  # nothing to dequantize: copy before widening, never widen the policy itself
         exact_model = copy.deepcopy(exact_model)
-    exact_model = exact_model.float()
+    # The copy may hold the policy's own Parameter objects (weights that needed no change): widening must make
+    # new Parameters, not assign fp32 data into the shared ones.
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        exact_model = exact_model.float()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
     out: dict[str, dict[str, float]] = {}
     try:
         for name, sample in samples.items():
