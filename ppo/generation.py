@@ -246,7 +246,8 @@ def _merged_state(
     dtype = _compute_dtype(base)
     state: dict[str, torch.Tensor] = {}
     for name, module in lora_layers.items():
-        weight = dequantize_module_weight(module.get_base_layer()).to(dtype)
+        # Detached: the copy may share storage with the policy, never its Parameter objects.
+        weight = dequantize_module_weight(module.get_base_layer()).detach().to(dtype)
         # With adapters disabled (the reference role) the copy is the bare base.
         if merge_adapters and not module.disable_adapters and not module.merged:
             for adapter in module.active_adapters:
@@ -255,7 +256,7 @@ def _merged_state(
         state[f"{name}.weight"] = weight
         bias = module.get_base_layer().bias
         if bias is not None:
-            state[f"{name}.bias"] = bias.to(dtype)
+            state[f"{name}.bias"] = bias.detach().to(dtype)
     inside = tuple(f"{name}." for name in lora_layers)
     for name, param in base.named_parameters():
         if not name.startswith(inside):

@@ -218,3 +218,15 @@ def test_bad_arguments_are_rejected(actor_critic):
         generate_turn(actor_critic.model, CONTEXTS, temperature=-1.0, **kw)
     with pytest.raises(ValueError, match="at least one token"):
         generate_turn(actor_critic.model, [[1, 2], []], temperature=1.0, **kw)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_merged_copy_never_holds_the_policys_parameter_objects(actor_critic, merge):
+    """Shared storage is fine (no copy of unchanged weights), shared Parameter objects are not: converting the
+    copy (``.double()``) must leave the policy's dtypes alone."""
+    with actor_critic.policy():
+        copy = merged_copy(actor_critic.model, merge_adapters=merge)
+    originals = {id(p) for p in actor_critic.model.parameters()}
+    assert not any(id(p) in originals for p in copy.parameters())
+    copy.double()
+    assert {p.dtype for p in actor_critic.model.parameters()} == {torch.float32}
