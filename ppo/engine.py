@@ -18,12 +18,15 @@ graph per decoding shape:
 - **a decoding step is one CUDA graph replay** (`torch.cuda.CUDAGraph`), captured for each (rows, attended
   positions) bucket: powers of two, so at most ~2x the work of the exact shape and a handful of graphs. The graph
   embeds the token, runs every layer, samples the next token, writes it to a device-side history and advances
-  the lengths, so the host only replays and, every ``check_every`` steps, reads which rows have ended. A step
-  of Qwen3-1.7B launches ~600 kernels; replaying them as one graph removes the launch overhead that bounded the
-  Hugging Face loop (47 ms a step on an H100, ``python -m ppo.bench``).
+  the lengths, so the host only replays and, every ``check_every`` steps, reads which rows have ended. Replaying
+  a whole step as one graph removes the per-kernel launch overhead that bounded the Hugging Face loop (47 ms a
+  step on an H100; ``python -m ppo.bench`` compares the engines).
 - **sampling in the graph**: the exponential race, ``argmax_i p_i / E_i`` with ``E_i ~ Exp(1)`` i.i.d., draws
   ``i`` with probability ``p_i`` (the Gumbel-max trick in another form; e.g. Huijben et al. 2022, "A Review of
-  the Gumbel-max Trick"), with no host synchronisation, unlike ``torch.multinomial``.
+  the Gumbel-max Trick"), inside the graph. ``torch.multinomial`` draws a single sample by the same race, so with
+  one seed the static and loop engines draw the same tokens on the CPU.
+- **tool calls start early**: ``on_turn_end`` reports each turn as soon as it is known to be complete, and the
+  rollout starts that episode's tool calls while the longer turns are still being sampled.
 
 Contract of a slot's cache: positions ``>= n`` hold garbage (stale values, tokens sampled after a row ended,
 pad tokens of a prefill) that the mask ``key position <= query position`` never lets a query see; every
