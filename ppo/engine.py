@@ -123,7 +123,7 @@ def make_engine(
 
 
 class LoopEngine:
-    """`ppo.generation.sample_turn` behind the `Sampler` interface (any architecture, no state across turns)."""
+    """`ppo.generation.sample_turn` behind the `Engine` interface (any architecture, no state across turns)."""
 
     def __init__(self, model: nn.Module, pad_id: int | None = None) -> None:
         self.model = model
@@ -269,9 +269,14 @@ class StaticEngine:
         logprobs = [[lp] for lp in first_logp.tolist()]
         self.tok_in[:n] = first
         self.step_at.zero_()
-        lengths = [len(c) for c in contexts]  # per request: the position its next fed token goes to
-        # Front slot s plays request alive[s]; a slot's valid tokens lie below max(lengths).
-        alive = self._still_writing(list(range(n)), tokens, end_of_turn_id, positions=max(lengths))
+
+        def fed(i: int) -> int:
+            """Tokens of request i in the cache: its context and every sampled token but the last (which goes
+            to position fed(i) at the next step if the turn goes on)."""
+            return len(contexts[i]) + len(tokens[i]) - 1
+
+        # Front slot s plays request alive[s].
+        alive = self._still_writing(list(range(n)), tokens, end_of_turn_id, positions=max(map(fed, range(n))))
         reported: set[int] = set()
 
         def report(requests: Iterable[int]) -> None:
@@ -285,26 +290,24 @@ class StaticEngine:
         while alive and done_steps < max_new_tokens:
             run = min(self.check_every if self.bucketed else 1, max_new_tokens - done_steps)
             start_col = done_steps - 1  # = step_at: the history column of this run's first step
-            span = max(lengths[i] for i in alive) + run  # positions any query of these steps may attend
+            span = max(map(fed, alive)) + run  # positions any query of these steps may attend
             for _ in range(run):
                 self._step(len(alive), span, greedy)
             done_steps += run
             new_tok = self.hist_tok[: len(alive), start_col : start_col + run].tolist()
             new_logp = self.hist_logp[: len(alive), start_col : start_col + run].tolist()
             for slot, i in enumerate(alive):
-                lengths[i] += run
                 for tok, lp in zip(new_tok[slot], new_logp[slot], strict=True):
                     tokens[i].append(tok)
                     logprobs[i].append(lp)
                     if tok == end_of_turn_id:
                         break  # later draws of this row were made after its turn ended: dropped
-            before, alive = alive, self._still_writing(alive, tokens, end_of_turn_id, positions=max(lengths))
+            before, alive = alive, self._still_writing(alive, tokens, end_of_turn_id, max(map(fed, alive)))
             report(sorted(set(before) - set(alive)))
         report(range(n))  # the rest ran out of max_new_tokens
         for i, (row, ctx) in enumerate(zip(rows, contexts, strict=True)):
             # Every sampled token but the last was fed (the last one ended the turn or the budget).
             self.cached[self.slot_of[row]] = ctx + tokens[i][:-1]
-        self.pos_in.fill_(self.capacity)
         return TurnSample(tokens, logprobs)
 
     def close(self) -> None:
@@ -327,7 +330,7 @@ class StaticEngine:
             for cache in (self.k_cache, self.v_cache):
                 for layer in range(len(self.layers)):
                     grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                    if cache and len(cache) > layer:
+                    if len(cache) > layer:
                         grown[:, :, : self.capacity].copy_(cache[layer][:, :, : self.capacity])
                         cache[layer] = grown
                     else:
