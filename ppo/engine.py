@@ -206,7 +206,7 @@ class StaticEngine:
         self.rows, self.max_context, self.grow = rows, max_context, grow
         self.check_every, self.prefill_tokens, self.generator = check_every, prefill_tokens, generator
         self.graphs_on = cuda_graphs and self.device.type == "cuda"
-        self.fp32_scores = _fp32_scores_supported(self.device, self.dtype)
+        self.fp32_scores = fp32_scores_supported(self.device, self.dtype)
         self.bucketed = self.graphs_on if buckets is None else buckets
         self.pad_id = _pad_id(model) if pad_id is None else pad_id
         self.prefilled_tokens = 0  # tokens fed by prefills over the rollout (earlier turns are not fed again)
@@ -606,7 +606,7 @@ def _scores(q: torch.Tensor, keys: torch.Tensor, scale: float, fp32_bmm: bool) -
     return (q @ keys.transpose(-1, -2)).float() * scale
 
 
-def _fp32_scores_supported(device: torch.device, dtype: torch.dtype) -> bool:
+def fp32_scores_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.bmm(..., out_dtype=float32)`` runs here on 16-bit inputs (CUDA builds of torch >= 2.8):
     attention scores then skip the rounding to bf16 that the plain matmul's output would take."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):

@@ -243,7 +243,7 @@ def _merged_state(
     quantized = any(type(p).__name__ == "Params4bit" for p in base.parameters())
     if not lora_layers and not quantized:
         return None, base.dtype
-    dtype = _compute_dtype(base)
+    dtype = compute_dtype(base)
     state: dict[str, torch.Tensor] = {}
     for name, module in lora_layers.items():
         # Detached: the copy may share storage with the policy, never its Parameter objects.
@@ -273,7 +273,7 @@ def _plain(param: torch.Tensor, *, module_of: nn.Module, name: str) -> torch.Ten
     return dequantize_module_weight(module_of.get_submodule(name.rsplit(".", 1)[0])).detach()
 
 
-def _compute_dtype(base: nn.Module) -> torch.dtype:
+def compute_dtype(base: nn.Module) -> torch.dtype:
     """The dtype the base computes in: bitsandbytes' compute dtype when quantized, else its embeddings'."""
     qconfig = getattr(base.config, "quantization_config", None)
     compute = getattr(qconfig, "bnb_4bit_compute_dtype", None)

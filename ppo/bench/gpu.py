@@ -19,6 +19,7 @@ from ppo.bench.measure import (
     Recorder,
     build_random_model,
     count_tokens,
+    engine_turn,
     load,
     log,
     make_optimizer,
@@ -27,8 +28,8 @@ from ppo.bench.measure import (
     timed,
     train_step,
 )
-from ppo.engine import StaticEngine, dense_copy, make_engine
-from ppo.generation import left_pad
+from ppo.engine import StaticEngine, dense_copy, fp32_scores_supported
+from ppo.generation import compute_dtype, left_pad
 
 
 def run_gpu(
@@ -165,41 +166,46 @@ def engine_rollout(
     cuda_graphs: bool = True,
     merge_lora: bool = True,
 ) -> dict[str, Any]:
-    """One turn of full length for every context (the end-of-turn id is outside the vocabulary, so never
-    sampled), as `collect_rollouts` runs it: the engine is built (base dequantized, graphs captured) inside the
-    timing. ``merge_lora``: the static engine's adapter merged into the bf16 weights (its default). Returns tokens/s,
-    seconds, peak GiB and the `TurnSample` under "sample"."""
-    never, pad = ac.config.vocab_size, ac.tokenizer.pad_token_id
+    """`engine_turn` of full length for every context (the end-of-turn id is outside the vocabulary, so never
+    sampled), in eval mode under the policy role, timed with its peak memory. Returns tokens/s, seconds, peak GiB
+    and the `TurnSample` under "sample"."""
     box: dict[str, Any] = {}
 
     def run() -> None:
         ac.model.eval()
         with ac.policy():
-            kw = {"rows": len(contexts), "max_context": 4096, "pad_id": pad, "cuda_graphs": cuda_graphs}
-            if engine == "static":
-                runner = StaticEngine(ac.model, merge_lora=merge_lora, **kw)
-            else:
-                runner = make_engine(ac.model, kind=engine, **kw)
-            try:
-                box["fp32_scores"] = getattr(runner, "fp32_scores", None)
-                box["sample"] = runner.sample(
-                    list(range(len(contexts))),
-                    contexts,
-                    max_new_tokens=new_tokens,
-                    temperature=1.0,
-                    end_of_turn_id=never,
-                )
-            finally:
-                runner.close()
+            box["sample"] = engine_turn(
+                ac.model,
+                contexts,
+                new_tokens,
+                eot=ac.config.vocab_size,
+                pad=ac.tokenizer.pad_token_id,
+                engine=engine,
+                cuda_graphs=cuda_graphs,
+                merge_lora=merge_lora,
+                max_context=4096,
+            )
 
     out = _peak_of(run)
     out["tokens_per_s"] = count_tokens(box["sample"].tokens) / out["seconds"]
-    out["fp32_attention_scores"] = box["fp32_scores"]
+    if engine == "static":
+        out["fp32_attention_scores"] = fp32_scores_supported(_device(ac), compute_dtype(ac.model))
     rate, peak = out["tokens_per_s"], out["peak_gb"]
     log(
         f"  rollout {engine} graphs={cuda_graphs} merged={merge_lora}: {rate:,.0f} tokens/s, peak {peak:.2f} GiB"
     )
     return {**out, "sample": box["sample"]}
+
+
+def _turn_logprobs(logprobs: torch.Tensor, turns: list[list[int]]) -> list[torch.Tensor]:
+    """Each turn's log-probs out of (B, T) log-probs of left-padded context + turn rows (its last positions)."""
+    width = logprobs.shape[1]
+    return [logprobs[r, width - len(turn) :].float().cpu() for r, turn in enumerate(turns)]
+
+
+def _spread(gaps: list[torch.Tensor]) -> dict[str, float]:
+    every = torch.cat(gaps)
+    return {"mean": float(every.mean()), "max": float(every.max()), "tokens": every.numel()}
 
 
 @torch.no_grad()
@@ -213,11 +219,11 @@ def sampler_gap(ac, contexts: list[list[int]], sample, micro: int) -> dict[str, 
         for start in range(0, len(rows), micro):
             sl = slice(start, start + micro)
             scored = ac.score(ids[sl].to(_device(ac)), mask[sl].to(_device(ac)), temperature=1.0)["logprobs"]
-            for row, turn in enumerate(sample.logprobs[sl]):
-                policy = scored[row, ids.shape[1] - len(turn) :].float().cpu()
+            for policy, turn in zip(
+                _turn_logprobs(scored, sample.tokens[sl]), sample.logprobs[sl], strict=True
+            ):
                 gaps.append((policy - torch.tensor(turn)).abs())
-    every = torch.cat(gaps)
-    return {"max": float(every.max()), "mean": float(every.mean()), "tokens": every.numel()}
+    return _spread(gaps)
 
 
 @torch.no_grad()
@@ -230,14 +236,7 @@ def fp32_errors(ac, contexts: list[list[int]], samples: dict[str, Any]) -> dict[
         exact_model = dense_copy(ac.model, merge_lora=False)
     if exact_model is ac.model:  # nothing to dequantize: copy before widening, never widen the policy itself
         exact_model = copy.deepcopy(exact_model)
-    # The copy may hold the policy's own Parameter objects (weights that needed no change): widening must make
-    # new Parameters, not assign fp32 data into the shared ones.
-    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
-    try:
-        exact_model = exact_model.float()
-    finally:
-        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    exact_model = exact_model.float()  # the copy's own Parameters (merged_copy never hands out the policy's)
     out: dict[str, dict[str, float]] = {}
     try:
         for name, sample in samples.items():
@@ -248,16 +247,12 @@ def fp32_errors(ac, contexts: list[list[int]], samples: dict[str, Any]) -> dict[
                 input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
             ).last_hidden_state
             exact = token_logprobs(hidden, ids, mask, exact_model.get_output_embeddings())["logprobs"]
+            exact = _turn_logprobs(exact, turns)
             with ac.policy():
-                scored = ac.score(ids, mask, temperature=1.0)["logprobs"].float()
-            width = ids.shape[1]
-            for key, rows in ((name, sample.logprobs), (f"{name}_scoring_pass", None)):
-                errors = []
-                for r, turn in enumerate(turns):
-                    got = torch.tensor(rows[r]) if rows is not None else scored[r, width - len(turn) :].cpu()
-                    errors.append((got - exact[r, width - len(turn) :].cpu()).abs())
-                every = torch.cat(errors)
-                out[key] = {"mean": float(every.mean()), "max": float(every.max())}
+                scored = _turn_logprobs(ac.score(ids, mask, temperature=1.0)["logprobs"], turns)
+            sampled = [torch.tensor(lp) for lp in sample.logprobs[: len(contexts)]]
+            for key, got in ((name, sampled), (f"{name}_scoring_pass", scored)):
+                out[key] = _spread([(g - e).abs() for g, e in zip(got, exact, strict=True)])
             log(
                 f"  vs fp32: {name} sampler {out[name]['mean']:.4f}, scoring {out[name + '_scoring_pass']['mean']:.4f}"
             )

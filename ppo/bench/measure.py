@@ -216,7 +216,7 @@ def rollout_throughput(
     eot, pad = ac.tokenizer.eos_token_id, ac.tokenizer.pad_token_id
     model = ac.model
     engines: dict[str, Callable[[], int]] = {
-        "static": lambda: count_tokens(static_turn(model, contexts, new_tokens, eot, pad)),
+        "static": lambda: count_tokens(engine_turn(model, contexts, new_tokens, eot=eot, pad=pad).tokens),
         "batched": lambda: count_tokens(
             generate_turn(model, contexts, merge_lora=False, **_gen_kw(new_tokens, eot, pad))
         ),
@@ -244,20 +244,34 @@ def rollout_throughput(
     return out
 
 
-def static_turn(model, contexts: list[list[int]], new_tokens: int, eot: int, pad: int) -> list[list[int]]:
-    """One turn of every context with a fresh `StaticEngine` (merged copy built inside, as in a rollout)."""
-    from ppo.engine import StaticEngine
+def engine_turn(
+    model,
+    contexts: list[list[int]],
+    new_tokens: int,
+    *,
+    eot: int,
+    pad: int,
+    engine: str = "static",
+    cuda_graphs: bool = True,
+    merge_lora: bool = True,
+    max_context: int | None = None,
+):
+    """One turn of every context with a fresh engine, built inside (copy merged, graphs captured) as a rollout
+    builds it; returns the `TurnSample`. ``merge_lora`` applies to the static engine (False: adapter unmerged);
+    ``max_context`` defaults to what the turn needs."""
+    from ppo.engine import StaticEngine, make_engine
 
-    engine = StaticEngine(
-        model, rows=len(contexts), max_context=max(map(len, contexts)) + new_tokens, pad_id=pad
-    )
+    max_context = max_context or max(map(len, contexts)) + new_tokens
+    kw = {"rows": len(contexts), "max_context": max_context, "pad_id": pad}
+    if engine == "static":
+        runner = StaticEngine(model, cuda_graphs=cuda_graphs, merge_lora=merge_lora, **kw)
+    else:
+        runner = make_engine(model, kind=engine, cuda_graphs=cuda_graphs, **kw)
     try:
         rows = list(range(len(contexts)))
-        return engine.sample(
-            rows, contexts, max_new_tokens=new_tokens, temperature=1.0, end_of_turn_id=eot
-        ).tokens
+        return runner.sample(rows, contexts, max_new_tokens=new_tokens, temperature=1.0, end_of_turn_id=eot)
     finally:
-        engine.close()
+        runner.close()
 
 
 def _gen_kw(new_tokens: int, eot: int, pad: int) -> dict[str, Any]:
