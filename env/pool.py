@@ -85,10 +85,7 @@ class EnvPool:
     def results(futures: Sequence[Future[StepResult]]) -> list[StepResult]:
         """The submitted steps' results in order, once every one has finished; the first error is raised."""
         wait(futures)
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            raise errors[0]
-        return [f.result() for f in futures]
+        return [f.result() for f in futures]  # result() raises the step's own error
 
     def close(self) -> None:
         """Close every env's session, then the shared loop thread."""
