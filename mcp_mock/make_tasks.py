@@ -1,8 +1,18 @@
-"""Write the task suites: `python -m mcp_mock.make_tasks` regenerates tasks/train.jsonl and tasks/test.jsonl.
+"""Write the task suites: `python -m mcp_mock.make_tasks` regenerates tasks/{train,val,test}.jsonl.
 
 Each split mixes about 35% easy single calls, 35% medium single calls, 15% multi-step and 15%
-recovery tasks. Entities (products, customers, documents, cities) are partitioned between the
-splits and numeric values are drawn again until a prompt is new, so no test prompt is in train.
+recovery tasks. Entities (products, customers, documents, cities, new customer names) are
+partitioned between the splits and numeric values are drawn again until a prompt is new, so no
+prompt is in two splits.
+
+- test: every fifth entity (the held-out split; report on it, never decide on it);
+- val: every tenth entity of the rest, carved from what train would otherwise use, so that a
+  validation score measures what the test split does (values *and* entities never trained on)
+  and every decision about training can be taken on it;
+- train: the rest, drawn many times over with fresh values (2,000 tasks), so that imitation has to
+  learn to copy values from the prompt rather than memorize 440 answers.
+
+Each split has its own random stream, so resizing one leaves the others as they are.
 """
 
 from __future__ import annotations
@@ -18,18 +28,21 @@ from .search import load_corpus
 from .tasks import TASKS_DIR
 
 SEED = 1234
-SIZES = {"train": 440, "test": 110}
+SIZES = {"test": 110, "val": 110, "train": 2000}  # test first: its prompts are never drawn again
 MIX = {"easy": 0.35, "medium": 0.35, "multi": 0.15, "recovery": 0.15}
 NEW_FIRST = ["Zoe", "Yara", "Xan", "Wes", "Vik", "Uma", "Tess", "Rafe", "Quinn", "Pia"]
 NEW_LAST = ["Ortega", "Nakamura", "Mbeki", "Laine", "Kowal", "Jensen", "Ibarra", "Holm"]
 
 
-def _in_test(number: int) -> bool:
-    return number % 5 == 0
+def _split_of(number: int) -> str:
+    """The split an entity belongs to, from its number (the test rule predates the val split; keep it)."""
+    if number % 5 == 0:
+        return "test"
+    return "val" if number % 10 == 9 else "train"
 
 
 def make_pools(seed_sql: str) -> dict[str, templates.Pool]:
-    """Split the seeded entities between train and test."""
+    """Split the seeded entities between train, val and test."""
     conn = sqlite3.connect(":memory:")
     conn.executescript(seed_sql)
     products = conn.execute("SELECT id, name, price, stock FROM products ORDER BY id").fetchall()
@@ -40,15 +53,15 @@ def make_pools(seed_sql: str) -> dict[str, templates.Pool]:
     new_names = [f"{f} {s}" for f in NEW_FIRST for s in NEW_LAST]
     docs = list(load_corpus().docs.values())
     pools = {}
-    for split, want in (("train", False), ("test", True)):
+    for split in SIZES:
         pools[split] = templates.Pool(
-            products=[p for p in products if _in_test(p[0]) == want],
-            customers=[c for c in customers if _in_test(c[0]) == want],
-            docs=[d for d in docs if _in_test(int(d["id"].split("-")[1])) == want],
-            cities=[c for i, c in enumerate(cities) if _in_test(i + 2) == want],
+            products=[p for p in products if _split_of(p[0]) == split],
+            customers=[c for c in customers if _split_of(c[0]) == split],
+            docs=[d for d in docs if _split_of(int(d["id"].split("-")[1])) == split],
+            cities=[c for i, c in enumerate(cities) if _split_of(i + 2) == split],
             city_counts=dict(city_counts),
             order_counts={c[0]: order_counts[c[0]] for c in customers},
-            new_names=[n for i, n in enumerate(new_names) if _in_test(i) == want],
+            new_names=[n for i, n in enumerate(new_names) if _split_of(i) == split],
         )
     return pools
 
@@ -91,10 +104,13 @@ def render(tasks: list[dict]) -> str:
 
 
 def generate() -> dict[str, str]:
-    """The file contents of both splits, from the fixed seed."""
+    """The file contents of every split, from the fixed seed."""
     seed_sql = (Path(__file__).parent / "data" / "seed.sql").read_text(encoding="utf-8")
-    pools, rng, taken = make_pools(seed_sql), random.Random(SEED), set()
-    return {split: render(make_split(split, pools[split], rng, taken)) for split in SIZES}
+    pools, taken = make_pools(seed_sql), set()
+    return {
+        split: render(make_split(split, pools[split], random.Random(f"{SEED}-{split}"), taken))
+        for split in SIZES
+    }
 
 
 def main() -> None:

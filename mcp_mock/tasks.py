@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).parent / "tasks"
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 
 
 def load_tasks(split: str) -> list[dict]:
-    """The tasks of a split ("train" or "test"), in file order."""
+    """The tasks of a split ("train", "val" or "test"), in file order."""
     if split not in SPLITS:
         raise ValueError(f"unknown task split {split!r}; the splits are {', '.join(SPLITS)}")
     path = TASKS_DIR / f"{split}.jsonl"

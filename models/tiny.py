@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump when the architecture, tokenizer recipe or template changes, so old caches are not reused.
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"
 
 TINY_CONFIG: dict[str, Any] = {
     "hidden_size": 256,
@@ -45,11 +45,11 @@ def fingerprint() -> str:
 
     digest = hashlib.sha256(repr((TINY_VERSION, TINY_CONFIG, tokenizer.TINY_SPLIT_PATTERN)).encode())
     digest.update(tokenizer.chat_template().encode())
-    tasks_dir, data_dir = corpus._mock_dirs()
-    for folder in (tasks_dir, data_dir):
-        for path in sorted(folder.rglob("*")) if folder is not None else []:
-            if path.is_file() and path.stem != "test":
-                digest.update(path.name.encode() + path.read_bytes())
+    tasks_dir, _data_dir = corpus._mock_dirs()
+    for name in corpus.TRAIN_FILES if tasks_dir is not None else ():
+        path = tasks_dir / name
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:8]
 
 
