@@ -134,7 +134,7 @@ def explained_variance(y_pred: Tensor, y_true: Tensor, action_mask: Tensor) -> f
 
 @torch.no_grad()
 def compute_gae(
-    rewards: Tensor, values: Tensor, action_mask: Tensor, gamma: float, lam: float
+    rewards: Tensor, values: Tensor, action_mask: Tensor, gamma: float | Tensor, lam: float
 ) -> tuple[Tensor, Tensor]:
     """Generalized Advantage Estimation (Schulman et al. 2016, arXiv:1506.02438) over each row's action tokens.
 
@@ -142,7 +142,8 @@ def compute_gae(
         rewards: (B, T) per-token rewards (env rewards on each turn's last action token, minus KL).
         values: (B, T) value estimates V(s_t) of the policy state before sampling token t.
         action_mask: (B, T) 1 on action tokens.
-        gamma: discount per action token, in [0, 1].
+        gamma: discount per action token, in [0, 1]; or a (B, T) tensor whose entry at action token t is the
+            discount of the step from t to the row's next action token (see ``turn_discounts``).
         lam: GAE lambda, in [0, 1].
 
     Returns:
@@ -155,9 +156,16 @@ def compute_gae(
     a truncated episode, add ``gamma * V(s_end)`` to the reward of its last action token before calling this.
     """
     _check_shapes("compute_gae", ndim=2, rewards=rewards, values=values, action_mask=action_mask)
-    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
-        raise ValueError(f"compute_gae: gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}.")
     m = _as_bool(action_mask)
+    if isinstance(gamma, Tensor):
+        _check_shapes("compute_gae", rewards=rewards, gamma=gamma)
+        g = torch.where(m, gamma.float(), 1.0)  # (B, T); masked entries are never read
+        gamma_ok = bool(((g >= 0) & (g <= 1)).all())
+    else:
+        g = torch.full(rewards.shape, float(gamma), device=rewards.device)  # (B, T)
+        gamma_ok = 0.0 <= gamma <= 1.0
+    if not (gamma_ok and 0.0 <= lam <= 1.0):
+        raise ValueError(f"compute_gae: gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}.")
     r = _zero_masked(rewards.float(), m)  # (B, T)
     v = _zero_masked(values.float(), m)  # (B, T)
     advantages = torch.zeros_like(r)
@@ -165,14 +173,34 @@ def compute_gae(
     next_value = r.new_zeros(r.shape[0])  # (B,)
     next_adv = r.new_zeros(r.shape[0])  # (B,)
     for t in reversed(range(r.shape[1])):
-        delta = r[:, t] + gamma * next_value - v[:, t]
-        adv_t = delta + gamma * lam * next_adv
+        delta = r[:, t] + g[:, t] * next_value - v[:, t]
+        adv_t = delta + g[:, t] * lam * next_adv
         # Only action positions write an advantage or move the carry; gaps leave it untouched.
         advantages[:, t] = torch.where(m[:, t], adv_t, 0.0)
         next_value = torch.where(m[:, t], v[:, t], next_value)
         next_adv = torch.where(m[:, t], adv_t, next_adv)
     returns = _zero_masked(advantages + v, m)
     return advantages, returns
+
+
+def turn_discounts(action_mask: Tensor, token_gamma: float, turn_gamma: float) -> Tensor:
+    """(B, T) discounts for ``compute_gae``: ``token_gamma`` on every action token, times ``turn_gamma`` on the
+    last action token of each turn (an action token followed by a masked one), i.e. on the step into the next turn.
+
+    A per-turn discount prices the number of turns, not of tokens: an episode that succeeds after a failed call is
+    worth ``turn_gamma`` times one that succeeds at once, so the mistake turn is not credited with the success.
+    """
+    _check_shapes("turn_discounts", ndim=2, action_mask=action_mask)
+    if not (0.0 <= token_gamma <= 1.0 and 0.0 <= turn_gamma <= 1.0):
+        raise ValueError(
+            f"turn_discounts: discounts must lie in [0, 1], got token_gamma={token_gamma}, turn_gamma={turn_gamma}."
+        )
+    m = _as_bool(action_mask)
+    next_masked = torch.ones_like(m)
+    next_masked[:, :-1] = ~m[:, 1:]
+    turn_end = m & next_masked  # (B, T)
+    gamma = torch.full(m.shape, float(token_gamma), device=m.device)
+    return torch.where(turn_end, gamma * turn_gamma, gamma)
 
 
 # --- losses -----------------------------------------------------------------------------------------------

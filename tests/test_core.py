@@ -23,6 +23,7 @@ from ppo.core import (
     masked_whiten,
     policy_loss,
     rewards_with_kl,
+    turn_discounts,
     value_loss,
 )
 
@@ -183,6 +184,51 @@ def test_gae_ignores_gaps_and_garbage():
             rewards[b][m][None], values[b][m][None], torch.ones(1, int(m.sum())), 0.95, 0.9
         )
         assert_close(packed[0], adv[b][m])
+
+
+def gae_reference_per_step(rewards, values, mask, gammas, lam):
+    """GAE with a discount per step, row by row in float64: gamma_i discounts the step from action i to i + 1."""
+    adv = torch.zeros(rewards.shape, dtype=torch.float64)
+    for b in range(rewards.shape[0]):
+        idx = [t for t in range(rewards.shape[1]) if mask[b, t]]
+        r = [float(rewards[b, t]) for t in idx]
+        g = [float(gammas[b, t]) for t in idx]
+        v = [float(values[b, t]) for t in idx] + [0.0]
+        running = 0.0
+        for i in reversed(range(len(idx))):
+            running = r[i] + g[i] * v[i + 1] - v[i] + g[i] * lam * running
+            adv[b, idx[i]] = running
+    return adv
+
+
+def test_turn_discounts_by_hand():
+    # HAND_MASK: turn 1 is t=1..2, turn 2 is t=4. Turn ends at t=2 and t=4 carry turn_gamma.
+    gammas = turn_discounts(HAND_MASK, token_gamma=0.99, turn_gamma=0.5)
+    assert_close(gammas[0, [1, 2, 4]], torch.tensor([0.99, 0.495, 0.495]))
+
+
+def test_gae_with_per_step_discounts_matches_the_definition():
+    gen = torch.Generator().manual_seed(11)
+    rewards, values = torch.randn(8, 24, generator=gen), torch.randn(8, 24, generator=gen)
+    mask = random_mask(8, 24, gen)
+    gammas = turn_discounts(mask, 0.97, 0.6)
+    adv, ret = compute_gae(rewards, values, mask, gammas, 0.9)
+    ref = gae_reference_per_step(rewards, values, mask, gammas, 0.9)
+    assert_close(adv, ref.float(), atol=1e-5, rtol=1e-5)
+    assert_close(ret, torch.where(mask.bool(), ref.float() + values, 0.0), atol=1e-5, rtol=1e-5)
+    # A constant tensor is the scalar; garbage at masked positions of the discounts changes nothing.
+    assert_close(compute_gae(rewards, values, mask, torch.full_like(mask, 0.95), 0.9)[0],
+                 compute_gae(rewards, values, mask, 0.95, 0.9)[0])  # fmt: skip
+    junk = torch.where(mask.bool(), gammas, torch.full_like(gammas, 7.0))
+    assert_close(compute_gae(rewards, values, mask, junk, 0.9)[0], adv)
+
+
+def test_a_recovered_success_is_worth_turn_gamma_less():
+    # Two rows, each ending in success (+1): one in one turn, one after a failed turn (-0.05). V = 0, lam = 1.
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0, 1.0]])
+    scores = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [0.0, -0.05, 0.0, 0.0, 1.0]])
+    adv, _ = compute_gae(scores, torch.zeros(2, 5), mask, turn_discounts(mask, 1.0, 0.9), 1.0)
+    assert_close(adv[:, 0], torch.tensor([1.0, -0.05 + 0.9]))
 
 
 def test_gae_rejects_bad_gamma():
