@@ -51,7 +51,7 @@ class Config:
     tasks: str | None = None
     """JSONL task file to train on; None: the mock server's train split"""
     eval_tasks: str | None = None
-    """JSONL task file for evaluation; None: the mock server's test split"""
+    """JSONL task file of the periodic greedy evaluation; None: the mock server's val split (never the test split)"""
     max_turns: int = 4
     """turn limit of an episode (a task's own max_turns wins)"""
     call_timeout: float = 10.0
@@ -60,6 +60,8 @@ class Config:
     # --- rollouts ------------------------------------------------------------------------------------
     num_episodes: int = 64
     """episodes collected per iteration (the PPO batch)"""
+    episodes_per_task: int = 4
+    """episodes played on each task drawn (num_episodes / this tasks per iteration), so a batch holds contrasts"""
     max_new_tokens: int = 96
     """tokens the policy may write in one turn"""
     max_context: int = 1536
@@ -73,9 +75,9 @@ class Config:
     """replay each decoding step of the static engine as a CUDA graph (GPU only)"""
 
     # --- PPO -----------------------------------------------------------------------------------------
-    iterations: int = 25
+    iterations: int = 15
     """PPO iterations (rollout + update)"""
-    ppo_epochs: int = 4
+    ppo_epochs: int = 2
     """passes over each batch of episodes"""
     minibatch_size: int = 32
     """episodes per optimizer step"""
@@ -89,6 +91,8 @@ class Config:
     """learning-rate schedule after warmup: constant, linear or cosine (to 10% of the peak)"""
     warmup_iterations: int = 2
     """iterations of linear learning-rate warmup"""
+    critic_warmup_iterations: int = 1
+    """first iterations that train only the critic (the policy is not updated), so advantages start informed"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     optimizer: str = "paged_adamw_8bit"
@@ -107,7 +111,9 @@ class Config:
     """weight of the entropy bonus"""
     gamma: float = 1.0
     """discount per action token"""
-    lam: float = 0.95
+    turn_gamma: float = 0.9
+    """discount per turn, on top of gamma: a success after N extra turns is worth turn_gamma**N"""
+    lam: float = 1.0
     """GAE lambda"""
     whiten_advantages: bool = True
     """normalise advantages over the batch's action tokens"""
@@ -115,22 +121,30 @@ class Config:
     """environment rewards are multiplied by this before PPO (+10 becomes +1)"""
     kl_kind: str = "k1"
     """per-token KL estimator in the reward: k1, k2 or k3"""
-    init_kl_coef: float = 0.05
+    init_kl_coef: float = 0.02
     """initial coefficient of the KL-to-reference penalty"""
     adaptive_kl: bool = True
     """adapt the KL coefficient towards kl_target (Ziegler et al. 2019)"""
-    kl_target: float = 2.0
-    """target KL per episode for the adaptive controller (nats, summed over an episode's action tokens)"""
+    kl_target: float = 0.05
+    """target KL to the reference per action token for the adaptive controller (nats)"""
     kl_horizon: int = 500
     """horizon of the adaptive KL controller, in episodes"""
 
     # --- warm start (tiny preset) --------------------------------------------------------------------
     warmstart: bool = True
     """tiny preset: build and warm-start the model by imitation when it is not cached"""
-    sft_epochs: int = 30
+    sft_epochs: int = 5
     """passes over the demonstrations in the warm start"""
     sft_error_fraction: float = 0.35
     """share of demonstrations that make a mistake (bad JSON, invented tool, wrong types) and then correct it"""
+    copy_pretrain_steps: int = 250
+    """warm start: steps of copy pretraining on random token sequences before imitation (0: none)"""
+    sft_tasks: int = 0
+    """train tasks the warm start imitates (the first N of the file); 0: all"""
+    sft_cut_fraction: float = 0.5
+    """share of demonstrations spelled with random extra BPE cuts (BPE-dropout), so held-out names can be copied"""
+    warmstart_seed: int = 0
+    """seed of the warm start (demonstrations, mistakes, order); apart from --seed, so PPO seeds share one"""
 
     # --- run -----------------------------------------------------------------------------------------
     output_dir: str | None = None
@@ -142,9 +156,9 @@ class Config:
     log_samples_every: int = 10
     """log a few sample episodes as text every N iterations"""
     eval_every: int = 0
-    """greedy evaluation on eval_tasks every N iterations; 0: only at the end"""
+    """greedy evaluation on eval_tasks before training, every N iterations and at the end (eval/* metrics); 0: never"""
     eval_episodes: int = 0
-    """tasks used by the periodic evaluation; 0: all"""
+    """tasks used by the periodic evaluation (the first N); 0: all"""
     seed: int = 0
     """seed of everything random (task order, sampling, initialisation)"""
 
@@ -176,6 +190,12 @@ class Config:
             ),
             (self.num_episodes > 0 and self.iterations >= 0, "num_episodes must be > 0 and iterations >= 0"),
             (
+                self.episodes_per_task > 0 and self.num_episodes % self.episodes_per_task == 0,
+                "episodes_per_task must be > 0 and divide num_episodes",
+            ),
+            (0 <= self.turn_gamma <= 1 and 0 <= self.gamma <= 1, "gamma and turn_gamma must be in [0, 1]"),
+            (self.critic_warmup_iterations >= 0, "critic_warmup_iterations must be >= 0"),
+            (
                 0 < self.micro_batch_size <= self.minibatch_size <= self.num_episodes,
                 "need 0 < micro_batch_size <= minibatch_size <= num_episodes",
             ),
@@ -186,6 +206,9 @@ class Config:
             ),
             (self.dual_clip is None or self.dual_clip > 1, "dual_clip must be > 1 (or None)"),
             (0 <= self.sft_error_fraction < 1, "sft_error_fraction must be in [0, 1)"),
+            (0 <= self.sft_cut_fraction <= 1, "sft_cut_fraction must be in [0, 1]"),
+            (self.sft_tasks >= 0 and self.sft_epochs > 0, "sft_tasks must be >= 0 and sft_epochs > 0"),
+            (self.copy_pretrain_steps >= 0, "copy_pretrain_steps must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -21,12 +21,12 @@ from ppo.monitor import STATUSES, episode_metrics, per_category
 from ppo.rollout import ChatFormat, collect_rollouts
 
 
-def evaluate(actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64) -> dict:
-    """Greedy success rate and status shares, overall and per category, over ``tasks``."""
+def play_greedy(actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64) -> list:
+    """Every task of ``tasks`` played once with greedy decoding; the episodes, in task order."""
     from ppo.setup import make_env_pool
 
     chat = ChatFormat(actor_critic.tokenizer)
-    episodes, started = [], time.perf_counter()
+    episodes = []
     ids = [t["id"] for t in tasks]
     with make_env_pool(cfg, tasks, size=min(batch_size, len(ids))) as pool:
         for start in range(0, len(ids), batch_size):
@@ -43,6 +43,11 @@ def evaluate(actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64)
                 temperature=0.0,
             )
             episodes += batch.episodes
+    return episodes
+
+
+def summarize(episodes: list) -> dict:
+    """Success rate and status shares, overall and per category, of greedy episodes."""
     m = episode_metrics(episodes)
     return {
         "success_rate": m["charts/success_rate"],
@@ -51,8 +56,15 @@ def evaluate(actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64)
         "episodes": len(episodes),
         "mean_turns": m["charts/episode_turns"],
         "cut_episodes": int(m["charts/cut_episodes"]),
-        "seconds": time.perf_counter() - started,
     }
+
+
+def evaluate(actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64) -> dict:
+    """Greedy success rate and status shares, overall and per category, over ``tasks``."""
+    started = time.perf_counter()
+    result = summarize(play_greedy(actor_critic, cfg, tasks, batch_size))
+    result["seconds"] = time.perf_counter() - started
+    return result
 
 
 def format_table(result: dict) -> str:
@@ -90,7 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--checkpoint", help="a checkpoint folder or a run's output directory (its newest checkpoint)"
     )
-    parser.add_argument("--split", default="test", choices=["train", "test"], help="mock server task split")
+    parser.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="mock server task split"
+    )
     parser.add_argument("--tasks", help="JSONL task file to evaluate on instead of a mock split")
     parser.add_argument("--json", help="write the result as JSON to this path")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="without --checkpoint")

@@ -100,6 +100,7 @@ def summary_line(iteration: int, total: int, m: dict[str, float]) -> str:
         f"kl {m['objective/kl_ref']:.3f} (coef {m['objective/kl_coef']:.3f}) | "
         f"clip {m['losses/clipfrac']:.3f} | ev {m['losses/explained_variance']:+.2f} | "
         f"{m['perf/rollout_tokens_per_s']:.0f} tok/s | {m['perf/iteration_seconds']:.1f}s"
+        + (f" | greedy eval {m['eval/success_rate']:.2f}" if "eval/success_rate" in m else "")
     )
 
 

@@ -21,6 +21,8 @@ def read_metrics(path: Path) -> list[dict]:
                 rows.append(json.loads(line))
             except ValueError as err:
                 raise SystemExit(f"{path} line {number}: not valid JSON ({err})") from None
+    # Iteration -1 holds only the greedy evaluation of the starting policy (eval/*), not a training iteration.
+    rows = [r for r in rows if "charts/success_rate" in r]
     if not rows:
         raise SystemExit(f"{path} holds no metrics yet")
     return rows

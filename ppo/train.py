@@ -36,7 +36,7 @@ from ppo.checkpoint import (
     save_config,
 )
 from ppo.config import Config, config_table, from_dict, parse_args, to_dict
-from ppo.monitor import MetricsLogger, episode_metrics, render_episode, summary_line
+from ppo.monitor import MetricsLogger, episode_metrics, per_category, render_episode, summary_line
 from ppo.rollout import ChatFormat, RolloutBatch, collect_rollouts
 from ppo.setup import build_optimizer, build_scheduler, load_policy, make_env_pool, resolve_tasks
 
@@ -65,8 +65,19 @@ def score_rollouts(actor_critic, batch: RolloutBatch, micro_batch_size: int, tem
     return {k: torch.cat([_pad_to(t.float().cpu(), width) for t in v]) for k, v in out.items()}
 
 
-def ppo_update(actor_critic, optimizer, batch: RolloutBatch, data: dict, cfg: Config, generator) -> dict:
-    """``ppo_epochs`` passes of shuffled minibatches; returns the token-weighted mean of the loss stats."""
+def ppo_update(
+    actor_critic,
+    optimizer,
+    batch: RolloutBatch,
+    data: dict,
+    cfg: Config,
+    generator,
+    train_policy: bool = True,
+) -> dict:
+    """``ppo_epochs`` passes of shuffled minibatches; returns the token-weighted mean of the loss stats.
+
+    ``train_policy=False`` (the critic warm-up) leaves the policy loss out of the gradient: only the critic learns.
+    """
     params = actor_critic.policy_parameters() + actor_critic.critic_parameters()
     device = next(actor_critic.model.parameters()).device
     totals: dict[str, float] = {}
@@ -81,7 +92,9 @@ def ppo_update(actor_critic, optimizer, batch: RolloutBatch, data: dict, cfg: Co
                 continue
             optimizer.zero_grad(set_to_none=True)
             for rows in minibatch.split(cfg.micro_batch_size):
-                stats, weight, n_tok = _micro_step(actor_critic, batch, data, rows, cfg, n_action, device)
+                stats, weight, n_tok = _micro_step(
+                    actor_critic, batch, data, rows, cfg, n_action, device, train_policy
+                )
                 tokens += n_tok
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v * weight
@@ -105,7 +118,7 @@ def ppo_update(actor_critic, optimizer, batch: RolloutBatch, data: dict, cfg: Co
 
 
 def _micro_step(
-    actor_critic, batch, data, rows, cfg: Config, n_action: float, device
+    actor_critic, batch, data, rows, cfg: Config, n_action: float, device, train_policy: bool = True
 ) -> tuple[dict, float, int]:
     """Forward and backward of one micro-batch; its loss is weighted so the minibatch loss is a token-mean."""
     ids, attn = _trimmed(batch.input_ids[rows], batch.attention_mask[rows])
@@ -130,7 +143,8 @@ def _micro_step(
     )
     entropy = core.masked_mean(out["entropy"].float(), mask)
     weight = float(mask.sum()) / n_action
-    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+    policy_term = pg_loss - cfg.ent_coef * entropy if train_policy else 0.0
+    loss = policy_term + cfg.vf_coef * vf_loss
     (loss * weight).backward()
     stats = {**pg_stats, **vf_stats, "entropy": entropy.item(), "loss": loss.item()}
     return stats, weight, int(attn.sum())
@@ -142,7 +156,10 @@ def compute_advantages(batch: RolloutBatch, data: dict, cfg: Config, kl_coef: fl
     rewards, kl = core.rewards_with_kl(
         scores, data["old_logprobs"], data["ref_logprobs"], batch.action_mask, kl_coef, kind=cfg.kl_kind
     )
-    advantages, returns = core.compute_gae(rewards, data["old_values"], batch.action_mask, cfg.gamma, cfg.lam)
+    gamma = (
+        core.turn_discounts(batch.action_mask, cfg.gamma, cfg.turn_gamma) if cfg.turn_gamma < 1 else cfg.gamma
+    )
+    advantages, returns = core.compute_gae(rewards, data["old_values"], batch.action_mask, gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = _whiten(advantages, batch.action_mask)
     return {**data, "rewards": rewards, "kl": kl, "advantages": advantages, "returns": returns}
@@ -191,15 +208,22 @@ def main(cfg: Config) -> dict:
         range(start, cfg.iterations), desc="PPO", unit="it", initial=start, total=cfg.iterations,
         disable=not dist.is_main(), dynamic_ncols=True,
     )  # fmt: skip
+    eval_tasks = _eval_tasks(cfg)
+    if eval_tasks and start == 0:
+        # Iteration -1 is the starting policy, so every curve has its point of departure.
+        logger.log(-1, greedy_eval(actor_critic, cfg, eval_tasks))
     with make_env_pool(cfg, shard) as pool:
         for iteration in progress:
             metrics = run_iteration(
                 iteration, cfg, actor_critic, chat, pool, sampler, optimizer, kl_ctl, logger
             )
             scheduler.step()
+            done = iteration + 1
+            if eval_tasks and (done % cfg.eval_every == 0 or done == cfg.iterations):
+                metrics.update(greedy_eval(actor_critic, cfg, eval_tasks))
+            logger.log(iteration, metrics)
             if dist.is_main():
                 progress.write(summary_line(iteration, cfg.iterations, metrics))
-            done = iteration + 1
             if done % cfg.save_every == 0 or done == cfg.iterations:
                 _save(output_dir, done, cfg, actor_critic, optimizer, scheduler, kl_ctl, sampler)
     logger.close()
@@ -232,11 +256,17 @@ def run_iteration(iteration, cfg, actor_critic, chat, pool, sampler, optimizer, 
     torch.manual_seed((cfg.seed * 1_000_003 + iteration) * 131 + rank)
     generator = torch.Generator().manual_seed((cfg.seed * 7_919 + iteration) * 131 + rank)
     started = time.perf_counter()
+    # Each task drawn is played episodes_per_task times, side by side in the batch.
+    task_ids = [
+        t
+        for t in sampler.sample(cfg.num_episodes // cfg.episodes_per_task)
+        for _ in range(cfg.episodes_per_task)
+    ]
     batch = collect_rollouts(
         actor_critic,
         chat,
         pool,
-        sampler.sample(cfg.num_episodes),
+        task_ids,
         max_new_tokens=cfg.max_new_tokens,
         max_context=cfg.max_context,
         engine=cfg.engine,
@@ -247,7 +277,8 @@ def run_iteration(iteration, cfg, actor_critic, chat, pool, sampler, optimizer, 
     kl_coef = kl_ctl.value
     data = compute_advantages(batch, data, cfg, kl_coef)
     update_start = time.perf_counter()
-    stats = ppo_update(actor_critic, optimizer, batch, data, cfg, generator)
+    train_policy = iteration >= cfg.critic_warmup_iterations
+    stats = ppo_update(actor_critic, optimizer, batch, data, cfg, generator, train_policy)
     update_seconds = time.perf_counter() - update_start
     episode_kl = (data["kl"] * batch.action_mask).sum(dim=1)  # (B,) each episode's KL, summed over its tokens
     kl_sum, n_episodes, kl_tokens, n_tokens, gen_tokens, gen_seconds = dist.all_sum(
@@ -260,7 +291,7 @@ def run_iteration(iteration, cfg, actor_critic, chat, pool, sampler, optimizer, 
             batch.generation_seconds,
         ]
     )
-    kl_ctl.update(kl_sum / n_episodes, int(n_episodes))
+    kl_ctl.update(kl_tokens / max(n_tokens, 1.0), int(n_episodes))  # the target is per action token
     stats = {k: v / dist.world_size() for k, v in zip(stats, dist.all_sum(list(stats.values())), strict=True)}
     episodes = [e for rank_episodes in dist.all_gather_objects(_light(batch.episodes)) for e in rank_episodes]
     metrics = {
@@ -281,8 +312,33 @@ def run_iteration(iteration, cfg, actor_critic, chat, pool, sampler, optimizer, 
     if cfg.log_samples_every and iteration % cfg.log_samples_every == 0:
         for k, episode in enumerate(batch.episodes[:3]):
             logger.text(f"samples/{k}", render_episode(episode), iteration)
-    logger.log(iteration, metrics)
     return metrics
+
+
+def greedy_eval(actor_critic, cfg: Config, tasks: list[dict]) -> dict:
+    """``eval/*`` metrics of a greedy pass over ``tasks``; each rank plays its own shard, metrics cover all."""
+    from ppo.evaluate import play_greedy
+
+    shard = tasks[dist.rank() :: dist.world_size()]
+    episodes = play_greedy(actor_critic, cfg, shard, batch_size=cfg.num_episodes) if shard else []
+    episodes = [e for rank_episodes in dist.all_gather_objects(_light(episodes)) for e in rank_episodes]
+    m = episode_metrics(episodes)
+    out = {"eval/success_rate": m["charts/success_rate"], "eval/episodes": float(len(episodes))}
+    out.update(
+        {k.replace("env/status/", "eval/status/"): v for k, v in m.items() if k.startswith("env/status/")}
+    )
+    out["eval/bad_turns"] = out["eval/status/invalid_json"] + out["eval/status/structural_fail"]
+    for category, c in per_category(episodes).items():
+        out[f"eval/category/{category}"] = c["success_rate"]
+    return out
+
+
+def _eval_tasks(cfg: Config) -> list[dict]:
+    """The periodic evaluation's tasks (the mock's val split unless ``--eval-tasks``), or [] when it is off."""
+    if not cfg.eval_every:
+        return []
+    tasks = resolve_tasks(cfg.eval_tasks, split="val")
+    return tasks[: cfg.eval_episodes] if cfg.eval_episodes else tasks
 
 
 def _light(episodes: list) -> list:

@@ -193,3 +193,31 @@ def test_first_minibatch_ratio_is_one_and_tool_output_gets_no_gradient(small_tin
         grad = out[key].grad
         assert torch.all(grad[~action] == 0), key  # prompt, tool output and padding: exactly no gradient
         assert grad[action].abs().sum() > 0, key
+
+
+def test_periodic_greedy_evaluation_and_repeated_tasks(small_tiny_dir, tmp_path):
+    # Four episodes of one task a batch (episodes_per_task 4), and a greedy pass over 3 validation tasks
+    # before training and after each iteration, logged as eval/* with the iteration's metrics.
+    out = tmp_path / "run"
+    cfg = small_config(small_tiny_dir, out, iterations=1, eval_every=1, eval_episodes=3, log_samples_every=0)
+    seen = []
+    collect = train.collect_rollouts
+
+    def spy(actor_critic, chat, pool, task_ids, **kw):
+        seen.append(list(task_ids))
+        return collect(actor_critic, chat, pool, task_ids, **kw)
+
+    train.collect_rollouts = spy
+    try:
+        train.main(cfg)
+    finally:
+        train.collect_rollouts = collect
+    assert len(seen[0]) == 4 and len(set(seen[0])) == 1
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [-1, 0]
+    for line in lines:
+        assert line["eval/episodes"] == 3 and 0 <= line["eval/success_rate"] <= 1
+        assert (
+            line["eval/bad_turns"] == line["eval/status/invalid_json"] + line["eval/status/structural_fail"]
+        )
+    assert "charts/success_rate" not in lines[0] and "charts/success_rate" in lines[1]

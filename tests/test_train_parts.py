@@ -159,3 +159,38 @@ def test_cli_reports_bad_inputs_in_one_line(tmp_path):
         assert "Traceback" not in proc.stderr
         last = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(last) == 1 and message in last[0]
+
+
+def test_cli_rejects_bad_group_and_discount_settings():
+    with pytest.raises(SystemExit, match="episodes_per_task"):
+        parse_args(["--num-episodes", "64", "--episodes-per-task", "5"])
+    with pytest.raises(SystemExit, match="turn_gamma"):
+        parse_args(["--turn-gamma", "1.5"])
+
+
+def test_segmentation_noise_keeps_the_text_and_is_exact_at_rate_zero(small_tiny_dir):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from ppo.rollout import ChatFormat
+    from ppo.warmstart import call_text, encode_with_cuts, prompt_ids_with_cuts
+
+    chat = ChatFormat(AutoTokenizer.from_pretrained(small_tiny_dir))
+    text = call_text("web_search", {"query": "Saltmere Theatre"})
+    rng = random.Random(0)
+    assert encode_with_cuts(chat, text, 0.0, rng) == chat.encode(text)
+    noisy = encode_with_cuts(chat, text, 0.5, rng)
+    assert chat.tokenizer.decode(noisy) == text and len(noisy) > len(chat.encode(text))
+    assert noisy[0] == chat.encode("<tool_call>")[0]  # markup is never cut into
+    messages = [
+        {"role": "user", "content": "Use web_search to find the document about the Saltmere Theatre."}
+    ]
+    tools = [
+        {"type": "function", "function": {"name": "web_search", "description": "Search.", "parameters": {}}}
+    ]
+    assert prompt_ids_with_cuts(chat, messages, tools, 0.0, rng) == chat.prompt_ids(messages, tools)
+    cut = prompt_ids_with_cuts(chat, messages, tools, 0.5, rng)
+    assert chat.tokenizer.decode(cut) == chat.render_prompt(messages, tools) and cut != chat.prompt_ids(
+        messages, tools
+    )
