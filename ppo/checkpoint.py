@@ -76,14 +76,19 @@ def save_checkpoint(
     return final
 
 
-def write_folder_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+def write_folder_atomically(final: Path, write: Callable[[Path], None], keep_existing: bool = False) -> Path:
     """Fill a temporary sibling of ``final`` with ``write(folder)``, then rename it into place.
 
-    A crash or an error mid-write leaves no partial ``final`` (and removes the temporary folder).
+    A crash or an error mid-write leaves no partial ``final`` (and removes the temporary folder). With
+    ``keep_existing``, a non-empty ``final`` that appeared meanwhile (another process built the same cache) is
+    kept and ours discarded: replacing it could pull the files from under a process that is reading them.
     """
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         write(tmp)
+        if keep_existing and final.is_dir() and any(final.iterdir()):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -59,9 +59,13 @@ class ChatFormat:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def render_prompt(self, messages: list[dict], tools: list[dict] | None) -> str:
+        """The text of the chat so far plus the assistant generation prompt."""
+        return self._render(messages, tools, generation_prompt=True)
+
     def prompt_ids(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
         """The ids of the chat so far plus the assistant generation prompt."""
-        return self.encode(self._render(messages, tools, generation_prompt=True))
+        return self.encode(self.render_prompt(messages, tools))
 
     def suffix_ids(self, tool_messages: list[dict]) -> list[int]:
         """Ids that follow an assistant turn's end-of-turn token: the tool-response turn and the next prompt.

@@ -11,21 +11,55 @@ from ppo.config import Config
 
 
 def resolve_model_path(cfg: Config) -> str:
-    """The model to load: ``--model`` when given, else the preset's (tiny: built locally and warm-started)."""
+    """The model to load: ``--model`` when given, else the preset's (tiny: built locally and warm-started).
+
+    Under torchrun the tiny build runs once per node: local rank 0 builds the cache while the node's other
+    ranks wait for it to appear and then load it (each building it too would take as long again on shared
+    cores, and two writers of one cache folder corrupt it).
+    """
     if cfg.model:
         return cfg.model
     if cfg.preset == "tiny":
-        from models.tiny import ensure_tiny
-
-        path = ensure_tiny()
-        if cfg.warmstart:
-            from ppo.warmstart import ensure_warm_start
-
-            path = ensure_warm_start(path, cfg)
-        return str(path)
+        return str(_once_per_node(lambda: _tiny_path(cfg, build=True), lambda: _tiny_path(cfg, build=False)))
     from ppo.config import PRESETS
 
     return str(PRESETS[cfg.preset].model)
+
+
+def _tiny_path(cfg: Config, build: bool) -> Path | None:
+    """The tiny preset's model folder (warm-started unless ``--no-warmstart``); without ``build``, None until cached."""
+    from models.tiny import default_cache_dir, ensure_tiny
+    from ppo.warmstart import ensure_warm_start, warm_start_dir
+
+    if not build:
+        base = default_cache_dir()
+        path = warm_start_dir(base, cfg) if cfg.warmstart else base
+        return path if (base / "config.json").is_file() and (path / "config.json").is_file() else None
+    path = ensure_tiny()
+    return ensure_warm_start(path, cfg) if cfg.warmstart else path
+
+
+def _once_per_node(build, cached, poll_seconds: float = 2.0):
+    """``build()`` on local rank 0; on the other ranks, wait until ``cached()`` returns a path.
+
+    A rank 0 that fails ends the job (torchrun stops every worker when one exits with an error), so the wait
+    needs no collective and no timeout, however long the build takes.
+    """
+    import os
+    import time
+
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        return build()
+    path, said = cached(), False
+    while path is None:
+        if not said:
+            print(
+                f"rank {os.environ.get('RANK', '?')}: waiting for local rank 0 to build the model", flush=True
+            )
+            said = True
+        time.sleep(poll_seconds)
+        path = cached()
+    return path
 
 
 def default_device(cfg: Config) -> str:

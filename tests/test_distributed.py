@@ -39,3 +39,29 @@ def test_two_ranks_stay_identical_and_count_every_episode(small_tiny_dir, tmp_pa
     state = torch.load(out / "checkpoints" / "iter_000002" / "trainer_state.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["samplers"]) == 2
     assert proc.stdout.count("iter    2/2") == 1  # one summary line per iteration, from rank 0
+
+
+def test_a_cold_cache_is_built_once_per_node_and_shared(tmp_path):
+    # The tiny preset on an empty cache: local rank 0 builds the model and its warm start (cut to one step),
+    # rank 1 waits for it instead of building the same folder at the same time, and both then train.
+    out = tmp_path / "run"
+    small_ppo = [a for a in SMALL_RUN if a != "--no-warmstart"]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+        "-m", "ppo.train", "--preset", "tiny", "--iterations", "1", "--output-dir", str(out),
+        "--sft-tasks", "16", "--sft-epochs", "1", *small_ppo,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "QWEN_TOOL_CACHE": str(tmp_path / "cache"),
+    }
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    said = proc.stdout + proc.stderr
+    assert said.count("warm start: building") == 1, said[-4000:]
+    assert "waiting for local rank 0 to build the model" in said
+    warm = [p for p in (tmp_path / "cache").iterdir() if "-warm-" in p.name and not p.name.startswith(".")]
+    assert len(warm) == 1 and (warm[0] / "config.json").is_file()
+    assert (out / "checkpoints" / "iter_000001" / "trainer_state.pt").is_file()
