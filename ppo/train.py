@@ -337,6 +337,11 @@ def _eval_tasks(cfg: Config) -> list[dict]:
     """The periodic evaluation's tasks (the mock's val split unless ``--eval-tasks``), or [] when it is off."""
     if not cfg.eval_every:
         return []
+    if cfg.tasks and not cfg.eval_tasks:
+        # The mock's val split says nothing about the user's own tasks and server.
+        if dist.is_main():
+            print("periodic evaluation off: --tasks was given without --eval-tasks", flush=True)
+        return []
     tasks = resolve_tasks(cfg.eval_tasks, split="val")
     return tasks[: cfg.eval_episodes] if cfg.eval_episodes else tasks
 

@@ -1,8 +1,7 @@
 """Warm start of the tiny preset: supervised imitation of the train tasks' oracle solutions, made imperfect.
 
 A randomly initialised model cannot explore its way to a tool call, so PPO starts from a policy that has seen
-demonstrations. Before them, a short copy pretraining (``copy_pretrain``) gives the random model the one skill of a
-pretrained LM that the tasks need most: copying values from its context. The demonstrations are deliberately flawed: a set fraction of them open with a mistake (a
+demonstrations. The demonstrations are deliberately flawed: a set fraction of them open with a mistake (a
 ``<tool_call>`` that is not valid JSON, a tool that does not exist, or an argument of the wrong type), followed by
 the real error the server returns and then the correct call. The warm-started policy therefore makes exactly the
 mistakes PPO is meant to remove, and has seen that errors can be recovered from.
@@ -183,43 +182,6 @@ def build_demonstrations(
     return demos
 
 
-def copy_pretrain(
-    model, vocab: list[int], separator: int, *, steps: int, seed: int, batch_size: int = 32
-) -> None:
-    """Teach a randomly initialised model to copy: predict the second half of ``x + [separator] + x``.
-
-    A pretrained LM can copy a name or a number from its context into its answer; the tiny model starts from
-    random weights and, imitating the tasks alone, did not learn to (after 625 supervised steps on 2,000 tasks
-    its calls had the right shape and unrelated values: 0.055 greedy success on the validation split). On random
-    sequences the attention circuit that copies ("induction heads", Olsson et al. 2022) forms within about 150
-    steps, and ``x`` drawn from the whole ``vocab`` gives every token's embedding a trained copy role, including
-    short BPE pieces that no train text spells on its own but that held-out names split into.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    pool = torch.tensor(vocab)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    schedule = _one_cycle(optimizer, 3e-3, steps)
-    model.train()
-    started = time.perf_counter()
-    for step in range(1, steps + 1):
-        length = int(torch.randint(8, 33, (), generator=generator))
-        x = pool[torch.randint(len(pool), (batch_size, length), generator=generator)]  # (B, L)
-        seq = torch.cat([x, torch.full((batch_size, 1), separator), x], dim=1)  # (B, 2L + 1)
-        logits = model(input_ids=seq).logits[:, length:-1]  # predicts seq[:, L + 1 :], the copy
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0 or step == steps:
-            print(
-                f"warm start: copy pretraining step {step}/{steps} loss {loss.item():.3f} "
-                f"({time.perf_counter() - started:.0f}s)",
-                flush=True,
-            )
-
-
 def _one_cycle(optimizer, lr: float, steps: int):
     """One-cycle schedule (10% warm-up); a handful of steps (tests) run at a constant rate instead."""
     if steps >= 10:
@@ -288,7 +250,6 @@ def warm_start_key(base: Path, cfg) -> str:
         cfg.sft_error_fraction,
         cfg.sft_cut_fraction,
         cfg.sft_tasks,
-        cfg.copy_pretrain_steps,
         cfg.warmstart_seed,
         cfg.tasks or "mock",
     ]
@@ -323,10 +284,6 @@ def ensure_warm_start(base: str | Path, cfg) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     chat = ChatFormat(tokenizer)
-    if cfg.copy_pretrain_steps:
-        special = set(tokenizer.all_special_ids)
-        vocab = [i for i in range(len(tokenizer)) if i not in special]
-        copy_pretrain(model, vocab, chat.end_of_turn_id, steps=cfg.copy_pretrain_steps, seed=seed)
     tasks = resolve_tasks(cfg.tasks, "train")
     demos = build_demonstrations(
         chat,

@@ -20,7 +20,7 @@ def oracle_turns(task):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_every_oracle_reaches_success(split):
     tasks = load_tasks(list(mcp_mock.load_tasks(split)))
     environment = MCPGymEnv(None, tasks, max_turns=64)

@@ -299,15 +299,16 @@ def test_result_checker_knows_right_from_wrong():
 
 
 def test_task_files_are_valid_and_splits_disjoint():
-    train, test = load_tasks("train"), load_tasks("test")
-    assert len(train) >= 400 and len(test) >= 100
-    ids = [t["id"] for t in train + test]
+    train, val, test = load_tasks("train"), load_tasks("val"), load_tasks("test")
+    assert len(train) >= 2000 and len(val) >= 100 and len(test) >= 100
+    ids = [t["id"] for t in train + val + test]
     assert len(ids) == len(set(ids))
-    assert not {t["prompt"] for t in train} & {t["prompt"] for t in test}
+    prompts = [{t["prompt"] for t in split} for split in (train, val, test)]
+    assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
     tools = {"calculator", "convert_units", "web_search", "open_document", "list_tables", "describe_table",
              "query_database", "execute_write", "compute_statistics", "sort_records", "filter_records",
              "group_records", "parse_csv"}  # fmt: skip
-    for task in train + test:
+    for task in train + val + test:
         assert set(task) == {"id", "category", "prompt", "success", "max_turns", "oracle"}, task["id"]
         assert task["category"] in {"math", "search", "database", "data", "multi_step", "recovery"}
         assert set(task["success"]) <= CONDITION_KEYS and task["success"], task["id"]
@@ -316,7 +317,7 @@ def test_task_files_are_valid_and_splits_disjoint():
         assert task["success"]["tool"] in {c["name"] for c in task["oracle"]}
         if task["category"] == "multi_step":
             assert len(task["oracle"]) >= 2
-    for tasks in (train, test):
+    for tasks in (train, val, test):
         share = {c: sum(t["category"] == c for t in tasks) / len(tasks) for c in ("multi_step", "recovery")}
         assert 0.13 <= share["multi_step"] <= 0.17 and 0.13 <= share["recovery"] <= 0.17, share
         assert {t["category"] for t in tasks} == {
@@ -361,7 +362,7 @@ def test_every_oracle_solves_its_task():
 
     async def main():
         failures = {}
-        for task in load_tasks("train") + load_tasks("test"):
+        for task in load_tasks("train") + load_tasks("val") + load_tasks("test"):
             async with Client(server) as client:
                 problems = await replay(client, task)
             if problems:

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = [
     "--no-warmstart", "--num-episodes", "4", "--minibatch-size", "4", "--micro-batch-size", "2",
     "--max-new-tokens", "12", "--max-context", "1024", "--ppo-epochs", "1", "--optimizer", "adamw",
+    "--eval-every", "0",
 ]  # fmt: skip
 
 

@@ -194,3 +194,33 @@ def test_segmentation_noise_keeps_the_text_and_is_exact_at_rate_zero(small_tiny_
     assert chat.tokenizer.decode(cut) == chat.render_prompt(messages, tools) and cut != chat.prompt_ids(
         messages, tools
     )
+
+
+def test_only_local_rank_zero_builds_and_the_others_wait(monkeypatch):
+    from ppo.setup import _once_per_node
+
+    built, answers = [], [None, None, "cache/model"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _once_per_node(lambda: built.append(1), lambda: answers.pop(0), poll_seconds=0) == "cache/model"
+    assert built == [] and answers == []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _once_per_node(lambda: "built", lambda: None) == "built"
+
+
+def test_periodic_eval_is_off_for_own_tasks_without_eval_tasks(capsys):
+    from ppo.train import _eval_tasks
+
+    assert _eval_tasks(Config(tasks="mine.jsonl", eval_every=5)) == []
+    assert "--eval-tasks" in capsys.readouterr().out
+    assert _eval_tasks(Config(eval_every=0)) == []
+    assert len(_eval_tasks(Config(eval_every=5, eval_episodes=7))) == 7  # the mock's val split, first 7
+
+
+def test_keep_existing_never_replaces_a_finished_folder(tmp_path):
+    from ppo.checkpoint import write_folder_atomically
+
+    final = tmp_path / "model"
+    write_folder_atomically(final, lambda f: (f / "config.json").write_text("first"))
+    write_folder_atomically(final, lambda f: (f / "config.json").write_text("second"), keep_existing=True)
+    assert (final / "config.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the discarded copy left nothing behind
