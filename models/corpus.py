@@ -72,16 +72,14 @@ FALLBACK_TEXT = (
 )
 
 
-def _mock_dirs() -> tuple[Path | None, Path | None]:
-    """Return the mock server's task and data folders, or None where the package or folder is absent."""
+def _mock_tasks_dir() -> Path | None:
+    """Return the mock server's task folder, or None where the package or folder is absent."""
     try:
         import mcp_mock
     except ImportError:
-        return None, None
-    root = Path(mcp_mock.__file__).parent
-    tasks = Path(getattr(mcp_mock, "TASKS_DIR", root / "tasks"))
-    data = root / "data"
-    return (tasks if tasks.is_dir() else None), (data if data.is_dir() else None)
+        return None
+    tasks = Path(getattr(mcp_mock, "TASKS_DIR", Path(mcp_mock.__file__).parent / "tasks"))
+    return tasks if tasks.is_dir() else None
 
 
 TRAIN_FILES = ("train.jsonl",)
@@ -92,7 +90,7 @@ def _read_tasks(tasks_dir: Path | None) -> tuple[list[str], list[dict]]:
     if tasks_dir is None:
         return [], []
     texts, tasks = [], []
-    for path in sorted(p for p in tasks_dir.glob("*.jsonl") if p.name in TRAIN_FILES):
+    for path in (tasks_dir / name for name in TRAIN_FILES if (tasks_dir / name).is_file()):
         text = path.read_text(encoding="utf-8", errors="replace")
         texts.append(text)
         for line in text.splitlines():
@@ -156,8 +154,7 @@ def render_task(task: dict[str, Any], tools: list[dict], render: RenderFn) -> st
 
 def collect_corpus(render: RenderFn) -> list[str]:
     """Return the tokenizer's training texts; `render(messages, tools=..., **kw)` applies the chat template."""
-    tasks_dir, _data_dir = _mock_dirs()
-    task_texts, tasks = _read_tasks(tasks_dir)
+    task_texts, tasks = _read_tasks(_mock_tasks_dir())
     tools = mock_tool_schemas() or FALLBACK_TOOLS
     tasks = tasks or FALLBACK_TASKS
     chats = [render_task(t, tools, render) for t in tasks]

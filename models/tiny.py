@@ -45,7 +45,7 @@ def fingerprint() -> str:
 
     digest = hashlib.sha256(repr((TINY_VERSION, TINY_CONFIG, tokenizer.TINY_SPLIT_PATTERN)).encode())
     digest.update(tokenizer.chat_template().encode())
-    tasks_dir, _data_dir = corpus._mock_dirs()
+    tasks_dir = corpus._mock_tasks_dir()
     for name in corpus.TRAIN_FILES if tasks_dir is not None else ():
         path = tasks_dir / name
         if path.is_file():

@@ -44,8 +44,8 @@ def finished(run_dir: Path, iterations: int) -> bool:
 
 def curves(run_dir: Path) -> dict[str, list]:
     """Per-iteration curves of one run: sampled success and bad turns, greedy eval (iteration, success, bad)."""
-    rows = read_metrics(run_dir)
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = read_metrics(run_dir, training_only=False)
+    rows = [r for r in lines if "charts/success_rate" in r]
     evals = [r for r in lines if "eval/success_rate" in r]
     return {
         "iteration": [r["iteration"] for r in rows],

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, training_only: bool = True) -> list[dict]:
+    """The JSON lines of ``metrics.jsonl``; ``training_only`` drops the line of the starting policy's evaluation."""
     path = path / "metrics.jsonl" if path.is_dir() else path
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -21,8 +22,9 @@ def read_metrics(path: Path) -> list[dict]:
                 rows.append(json.loads(line))
             except ValueError as err:
                 raise SystemExit(f"{path} line {number}: not valid JSON ({err})") from None
-    # Iteration -1 holds only the greedy evaluation of the starting policy (eval/*), not a training iteration.
-    rows = [r for r in rows if "charts/success_rate" in r]
+    if training_only:
+        # Iteration -1 holds only the greedy evaluation of the starting policy (eval/*), not a training iteration.
+        rows = [r for r in rows if "charts/success_rate" in r]
     if not rows:
         raise SystemExit(f"{path} holds no metrics yet")
     return rows

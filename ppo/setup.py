@@ -20,23 +20,29 @@ def resolve_model_path(cfg: Config) -> str:
     if cfg.model:
         return cfg.model
     if cfg.preset == "tiny":
-        return str(_once_per_node(lambda: _tiny_path(cfg, build=True), lambda: _tiny_path(cfg, build=False)))
+        return str(_once_per_node(lambda: _build_tiny(cfg), lambda: _cached_tiny(cfg)))
     from ppo.config import PRESETS
 
     return str(PRESETS[cfg.preset].model)
 
 
-def _tiny_path(cfg: Config, build: bool) -> Path | None:
-    """The tiny preset's model folder (warm-started unless ``--no-warmstart``); without ``build``, None until cached."""
-    from models.tiny import default_cache_dir, ensure_tiny
-    from ppo.warmstart import ensure_warm_start, warm_start_dir
+def _build_tiny(cfg: Config) -> Path:
+    """The tiny preset's model folder (warm-started unless ``--no-warmstart``), built when not cached."""
+    from models.tiny import ensure_tiny
+    from ppo.warmstart import ensure_warm_start
 
-    if not build:
-        base = default_cache_dir()
-        path = warm_start_dir(base, cfg) if cfg.warmstart else base
-        return path if (base / "config.json").is_file() and (path / "config.json").is_file() else None
     path = ensure_tiny()
     return ensure_warm_start(path, cfg) if cfg.warmstart else path
+
+
+def _cached_tiny(cfg: Config) -> Path | None:
+    """The folder ``_build_tiny`` returns, once it is cached; None before."""
+    from models.tiny import default_cache_dir
+    from ppo.warmstart import warm_start_dir
+
+    base = default_cache_dir()
+    path = warm_start_dir(base, cfg) if cfg.warmstart else base
+    return path if (base / "config.json").is_file() and (path / "config.json").is_file() else None
 
 
 def _once_per_node(build, cached, poll_seconds: float = 2.0):

@@ -36,7 +36,7 @@ from ppo.checkpoint import (
     save_config,
 )
 from ppo.config import Config, config_table, from_dict, parse_args, to_dict
-from ppo.monitor import MetricsLogger, episode_metrics, per_category, render_episode, summary_line
+from ppo.monitor import MetricsLogger, episode_metrics, render_episode, summary_line
 from ppo.rollout import ChatFormat, RolloutBatch, collect_rollouts
 from ppo.setup import build_optimizer, build_scheduler, load_policy, make_env_pool, resolve_tasks
 
@@ -317,19 +317,16 @@ def run_iteration(iteration, cfg, actor_critic, chat, pool, sampler, optimizer, 
 
 def greedy_eval(actor_critic, cfg: Config, tasks: list[dict]) -> dict:
     """``eval/*`` metrics of a greedy pass over ``tasks``; each rank plays its own shard, metrics cover all."""
-    from ppo.evaluate import play_greedy
+    from ppo.evaluate import play_greedy, summarize
 
     shard = tasks[dist.rank() :: dist.world_size()]
     episodes = play_greedy(actor_critic, cfg, shard, batch_size=cfg.num_episodes) if shard else []
     episodes = [e for rank_episodes in dist.all_gather_objects(_light(episodes)) for e in rank_episodes]
-    m = episode_metrics(episodes)
-    out = {"eval/success_rate": m["charts/success_rate"], "eval/episodes": float(len(episodes))}
-    out.update(
-        {k.replace("env/status/", "eval/status/"): v for k, v in m.items() if k.startswith("env/status/")}
-    )
+    result = summarize(episodes)
+    out = {"eval/success_rate": result["success_rate"], "eval/episodes": float(result["episodes"])}
+    out.update({f"eval/status/{k}": v for k, v in result["status"].items()})
     out["eval/bad_turns"] = out["eval/status/invalid_json"] + out["eval/status/structural_fail"]
-    for category, c in per_category(episodes).items():
-        out[f"eval/category/{category}"] = c["success_rate"]
+    out.update({f"eval/category/{name}": c["success_rate"] for name, c in result["per_category"].items()})
     return out
 
 

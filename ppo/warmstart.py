@@ -114,14 +114,13 @@ def prompt_ids_with_cuts(chat, messages: list[dict], tools, cut_rate: float, rng
     Exact when ``cut_rate`` is 0: the template writes the user's text between a newline and the end-of-turn
     token, both of which already end BPE pieces, so encoding it apart from its frame changes no id.
     """
-    ids = chat.prompt_ids(messages, tools)
     content = messages[-1]["content"]
     if cut_rate <= 0 or not content:
-        return ids
+        return chat.prompt_ids(messages, tools)
     text = chat.render_prompt(messages, tools)
     at = text.rfind(content)
     if at < 0:
-        return ids
+        return chat.encode(text)
     head, tail = text[:at], text[at + len(content) :]
     return chat.encode(head) + encode_with_cuts(chat, content, cut_rate, rng) + chat.encode(tail)
 
