@@ -191,6 +191,13 @@ class Bridge:
             self._owned.close()
 
 
+# Episode isolation: a server that lists this extension in its capabilities gives every value of the
+# ``_meta[EPISODE_META_KEY]`` of a tools/call its own state, so the env sends a new key each episode.
+# (mcp_mock/server.py defines the same two names for the server side.)
+EPISODE_EXTENSION = "io.github.qwen-tool/episodes"
+EPISODE_META_KEY = "qwen-tool/episode"
+
+
 class MCPConnection:
     """One client session to one server, opened, restarted and closed by a supervisor task."""
 
@@ -203,6 +210,12 @@ class MCPConnection:
         self._done: anyio.Event | None = None
         self._in_flight: set[anyio.CancelScope] = set()
         self._healthy = False
+        self.extensions: dict[str, Any] = {}
+
+    @property
+    def isolates_episodes(self) -> bool:
+        """Whether the server declared episode isolation (known once a session has been opened)."""
+        return EPISODE_EXTENSION in self.extensions
 
     @property
     def connected(self) -> bool:
@@ -247,15 +260,18 @@ class MCPConnection:
                     break
         return tools
 
-    async def call(self, name: str, arguments: dict[str, Any], timeout: float) -> CallResult:
-        """Call a tool; timeouts, transport errors and a lost server become error results."""
+    async def call(
+        self, name: str, arguments: dict[str, Any], timeout: float, meta: dict[str, Any] | None = None
+    ) -> CallResult:
+        """Call a tool (``meta`` goes into the request's ``_meta``); timeouts, transport errors and a lost server
+        become error results."""
         await self._ensure_open()
         client = self._client
         with anyio.CancelScope() as scope:
             self._in_flight.add(scope)
             try:
                 with anyio.fail_after(timeout + _TIMEOUT_GRACE_S):
-                    result = await client.call_tool(name, arguments, read_timeout_seconds=timeout)
+                    result = await client.call_tool(name, arguments, read_timeout_seconds=timeout, meta=meta)
                 return CallResult(result_text(result), bool(result.is_error))
             except TimeoutError:
                 return CallResult(f"tool {name!r} timed out after {timeout:g} s", True)
@@ -299,6 +315,8 @@ class MCPConnection:
         try:
             async with Client(self.spec.target) as client:
                 self._client, self._healthy = client, True
+                capabilities = getattr(client, "server_capabilities", None)
+                self.extensions = dict(getattr(capabilities, "extensions", None) or {})
                 started = True
                 task_status.started()
                 await stop.wait()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import string
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +13,7 @@ import gymnasium as gym
 from anyio.from_thread import BlockingPortal
 from gymnasium import spaces
 
-from env.client import Bridge, MCPConnection, resolve_server, truncate_middle
+from env.client import EPISODE_META_KEY, Bridge, MCPConnection, resolve_server, truncate_middle
 from env.parsing import ParsedCall, parse_turn
 from env.rewards import RewardConfig, worst_status
 from env.schema import argument_error, make_validator, openai_tool
@@ -76,8 +78,17 @@ class MCPGymEnv(gym.Env[str, str]):
     the most severe status wins, unless the task is complete.
 
     ## Starting State
-    A task drawn with ``np_random`` (or ``options={"task_id": ...}``) and, by default for in-process and
-    HTTP servers, a fresh session so that server state does not leak between episodes.
+    A task drawn with ``np_random`` (or ``options={"task_id": ...}``), on server state no other episode has
+    touched wherever the server allows it (``isolation``):
+
+    - ``"episode-key"``: the server lists the ``io.github.qwen-tool/episodes`` extension in its capabilities
+      (``mcp_mock`` does); every tools/call of an episode carries a new key in ``_meta["qwen-tool/episode"]``
+      and the server keeps one state per key. Works on every transport and for envs sharing one server.
+    - ``"fresh-session"``: a new session per episode: in-process servers without the extension (each client
+      gets its own lifespan state), or ``fresh_session_per_episode=True`` (e.g. a stdio server that keeps its
+      state per process: a new process per episode, about 1 s each).
+    - ``"none"``: a stdio or HTTP server without the extension; its writes are visible to later episodes, and
+      the env warns once.
 
     ## Episode End
     Terminated: on ``success``; on a final answer (a turn with no tool call); after
@@ -97,9 +108,8 @@ class MCPGymEnv(gym.Env[str, str]):
     - ``max_output_chars``: a longer tool output is cut in the middle with a marker.
     - ``max_calls_per_turn``: calls run per turn; more calls make the turn a ``structural_fail``.
     - ``max_invalid_turns``: consecutive invalid turns that end the episode.
-    - ``fresh_session_per_episode``: a new MCP session at every reset. Default (None): True for
-      in-process and HTTP servers (a session costs milliseconds, and the mock keeps writes per session
-      so episodes are isolated), False for stdio (each session is a new process, about 1 s).
+    - ``fresh_session_per_episode``: True: a new MCP session at every reset; False: never; None (default):
+      only where that isolates episodes and the server's episode keys do not (in-process servers).
     - ``portal``: an anyio ``BlockingPortal`` to share one event-loop thread (``EnvPool`` does this).
     - ``start_timeout``: seconds a server has to start before :class:`env.ServerStartError`.
     - ``lazy_connect``: connect on the first reset rather than in the constructor.
@@ -139,8 +149,9 @@ class MCPGymEnv(gym.Env[str, str]):
         self.max_output_chars = max_output_chars
         self.max_calls_per_turn = max_calls_per_turn
         self.max_invalid_turns = max_invalid_turns
-        fresh = fresh_session_per_episode
-        self.fresh_session_per_episode = self.server.kind != "stdio" if fresh is None else bool(fresh)
+        self.fresh_session_per_episode = fresh_session_per_episode
+        self._episode_key: str | None = None
+        self._warned_shared_state = False
         self.observation_space = AnyText()
         self.action_space = AnyText()
         self._tools: list[dict[str, Any]] | None = None
@@ -225,11 +236,42 @@ class MCPGymEnv(gym.Env[str, str]):
                 t["function"]["name"]: make_validator(t["function"]["parameters"]) for t in self._tools
             }
 
+    @property
+    def isolation(self) -> str:
+        """How episodes are kept apart on the server: "episode-key", "fresh-session" or "none" (see Starting State).
+
+        Known once the env has connected (the server's capabilities say whether it honours episode keys)."""
+        if self._connection.isolates_episodes:
+            return "episode-key"
+        if self.fresh_session_per_episode or (
+            self.fresh_session_per_episode is None and self.server.kind == "inprocess"
+        ):
+            return "fresh-session"
+        return "none"
+
     async def _astart_session(self) -> None:
-        """A fresh session per episode when configured, else reuse (and revive) the open one."""
-        if self.fresh_session_per_episode:
+        """Give the episode untouched server state: a new episode key, or a new session (see ``isolation``)."""
+        if self.fresh_session_per_episode or (
+            self.fresh_session_per_episode is None and self.isolation == "fresh-session"
+        ):
             await self._connection.close()
         await self._aconnect()
+        isolation = self.isolation
+        self._episode_key = uuid.uuid4().hex if isolation == "episode-key" else None
+        if isolation == "none" and not self._warned_shared_state:
+            self._warned_shared_state = True
+            warnings.warn(
+                f"MCP server {self.server.label!r} does not declare episode isolation (the "
+                "io.github.qwen-tool/episodes extension): what one episode writes, later ones see. See the "
+                "README, 'What is guaranteed'; fresh_session_per_episode=True gives a stdio server a new process "
+                "per episode.",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+
+    def _call_meta(self) -> dict[str, str] | None:
+        """The ``_meta`` of this episode's tool calls."""
+        return {EPISODE_META_KEY: self._episode_key} if self._episode_key else None
 
     async def _astep(self, text: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
         """Parse the turn, run its calls, verify the task, and build the 5-tuple."""
@@ -283,7 +325,7 @@ class MCPGymEnv(gym.Env[str, str]):
         problem = argument_error(self._validators[call.name], call.arguments)
         if problem is not None:
             return "tool_error", f"invalid arguments for tool {call.name!r}: {problem}"
-        result = await self._connection.call(call.name, call.arguments, self.call_timeout)
+        result = await self._connection.call(call.name, call.arguments, self.call_timeout, self._call_meta())
         if result.is_error:
             return "tool_error", result.text
         episode = self._episode
@@ -303,7 +345,10 @@ class MCPGymEnv(gym.Env[str, str]):
             return False
         if "probe" in success:
             probe = success["probe"]
-            result = await self._connection.call(probe["name"], probe.get("arguments", {}), self.call_timeout)
+            arguments = probe.get("arguments", {})
+            result = await self._connection.call(
+                probe["name"], arguments, self.call_timeout, self._call_meta()
+            )
             return not result.is_error and probe_matches(probe, result.text)
         return True
 

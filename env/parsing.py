@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
-THINK_BLOCK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_FORMAT_HINT = 'write {"name": ..., "arguments": {...}}'
 _MAX_ERROR_SNIPPET = 80
 
@@ -55,12 +55,24 @@ def strip_reasoning(text: str) -> str:
 
     A ``</think>`` with no opening tag is the end of reasoning whose opening tag was in the prompt
     (Qwen3's generation prompt can end with ``<think>\\n``), so the text before it is dropped too.
+
+    One left-to-right scan with ``str.find``: linear in the text, whatever it holds (a lazy regex over
+    many unclosed ``<think>`` tags is quadratic).
     """
-    text = THINK_BLOCK_RE.sub("", text)
-    close = text.find("</think>")
+    kept, pos = [], 0
+    while (start := text.find(THINK_OPEN, pos)) != -1:
+        kept.append(text[pos:start])
+        end = text.find(THINK_CLOSE, start + len(THINK_OPEN))
+        if end == -1:  # unclosed: it and everything after it are hidden
+            pos = len(text)
+            break
+        pos = end + len(THINK_CLOSE)
+    kept.append(text[pos:])
+    text = "".join(kept)
+    close = text.find(THINK_CLOSE)
     if close != -1:
-        text = text[close + len("</think>") :]
-    open_ = text.find("<think>")
+        text = text[close + len(THINK_CLOSE) :]
+    open_ = text.find(THINK_OPEN)
     if open_ != -1:
         text = text[:open_]
     return text

@@ -25,7 +25,7 @@ MAX_ROWS = 50
 MAX_WRITE_ROWS = 100
 MAX_SQL_CHARS = 2000
 TIME_LIMIT_S = 1.0
-MAX_SESSIONS = 64
+MAX_SESSIONS = 256  # live episodes at once (a pool holds 64 by default); the oldest beyond it are dropped
 MAX_PAGES = 2048  # 8 MiB at the default 4 KiB page: enough for any honest write, not for a flood
 MAX_VALUE_BYTES = 100_000
 
@@ -159,14 +159,14 @@ class ShopDB:
 
 
 class SessionStore:
-    """Databases by session key, dropping the least recently used beyond MAX_SESSIONS."""
+    """Databases by episode key, dropping the least recently used beyond MAX_SESSIONS."""
 
     def __init__(self) -> None:
         self._dbs: OrderedDict[str | None, ShopDB] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: str | None) -> ShopDB:
-        """The database of one session, created pristine on first use."""
+        """The database of one episode key, created pristine on first use."""
         with self._lock:
             if key not in self._dbs:
                 self._dbs[key] = ShopDB()

@@ -1,7 +1,7 @@
 """The MCP server: one typed function per tool; the docstring is what the model reads.
 
 Descriptions are kept to one short sentence because every tool schema is rendered into every prompt
-of a small model. Database writes live in a per-session copy (see `_db`).
+of a small model. Database writes live in a per-episode copy (see `_db` and `EpisodeIsolation`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+from mcp.server.extension import Extension
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field, WithJsonSchema
 
@@ -20,10 +21,25 @@ RECORDS = WithJsonSchema({"type": "array", "items": {"type": "object"}})
 Records = Annotated[list[Any], RECORDS, Field(description="A list of JSON objects.")]
 
 
+# Episode isolation (see env/client.py, which defines the same two names for the client side): a client puts a
+# key in the `_meta` of every tools/call, a new one per episode, and each key gets its own database. The
+# extension tells clients that this server honours it.
+EPISODE_EXTENSION = "io.github.qwen-tool/episodes"
+EPISODE_META_KEY = "qwen-tool/episode"
+
+
+class EpisodeIsolation(Extension):
+    """Advertises that every episode key in a request's ``_meta`` gets its own, pristine state."""
+
+    identifier = EPISODE_EXTENSION
+
+    def settings(self) -> dict[str, Any]:
+        return {"metaKey": EPISODE_META_KEY}
+
+
 @asynccontextmanager
 async def _lifespan(_: MCPServer) -> AsyncIterator[db.SessionStore]:
-    # The SDK enters the lifespan once per in-process client and once per stdio process, so a store
-    # made here belongs to one client; HTTP shares it and is split by the Mcp-Session-Id header.
+    # The SDK enters the lifespan once per in-process client, once per stdio process and once per HTTP server.
     store = db.SessionStore()
     try:
         yield store
@@ -32,9 +48,15 @@ async def _lifespan(_: MCPServer) -> AsyncIterator[db.SessionStore]:
 
 
 def _db(ctx: Context) -> db.ShopDB:
-    """This session's database: keyed by the HTTP session id when there is one, else the lifespan."""
-    headers = ctx.headers or {}
-    return ctx.request_context.lifespan_context.get(headers.get("mcp-session-id"))
+    """This episode's database: keyed by the episode key in the request's ``_meta``; else by the HTTP session of a
+    client that opened one (the 2025 session handshake); else the database every other request of this
+    in-process client, stdio process or HTTP server shares."""
+    meta = ctx.request_context.meta or {}
+    key = meta.get(EPISODE_META_KEY) if isinstance(meta, dict) else None
+    if isinstance(key, str):
+        return ctx.request_context.lifespan_context.get(f"episode:{key}")
+    session = (ctx.headers or {}).get("mcp-session-id")
+    return ctx.request_context.lifespan_context.get(f"session:{session}" if session else None)
 
 
 def create_server(log_level: str = "WARNING") -> MCPServer:
@@ -48,6 +70,7 @@ def create_server(log_level: str = "WARNING") -> MCPServer:
         instructions="Math, web search, shop database and data tools.",
         lifespan=_lifespan,
         log_level=log_level,
+        extensions=[EpisodeIsolation()],
     )
     tool = mcp.tool(structured_output=False)
 

@@ -21,6 +21,7 @@ import textwrap
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -115,6 +116,9 @@ class Config:
     """discount per turn, on top of gamma: a success after N extra turns is worth turn_gamma**N"""
     lam: float = 1.0
     """GAE lambda"""
+    center_per_task: bool = False
+    """subtract from each episode's advantages the mean over the episodes of its task (needs episodes_per_task > 1),
+    so first-turn credit compares episodes of one prompt, not tasks of unequal difficulty"""
     whiten_advantages: bool = True
     """normalise advantages over the batch's action tokens"""
     reward_scale: float = 0.1
@@ -149,8 +153,10 @@ class Config:
     """where metrics, TensorBoard events and checkpoints go; None: runs/<preset>-<time>"""
     resume: str | None = None
     """continue the run in this output directory (or checkpoint directory) exactly where it stopped"""
+    overwrite: bool = False
+    """start afresh in an output_dir that already holds a run, deleting it (without this, such a run is refused)"""
     save_every: int = 10
-    """write a checkpoint every N iterations (and always at the end)"""
+    """write a checkpoint every N iterations and always at the end; 0: only at the end"""
     log_samples_every: int = 10
     """log a few sample episodes as text every N iterations"""
     eval_every: int = 0
@@ -195,6 +201,33 @@ class Config:
             (self.critic_warmup_iterations >= 0, "critic_warmup_iterations must be >= 0"),
             (self.eval_every >= 0 and self.eval_episodes >= 0, "eval_every and eval_episodes must be >= 0"),
             (
+                self.save_every >= 0 and self.log_samples_every >= 0,
+                "save_every and log_samples_every must be >= 0",
+            ),
+            (self.call_timeout > 0, f"call_timeout must be > 0 seconds, not {self.call_timeout}"),
+            (not (self.resume and self.overwrite), "resume and overwrite exclude each other"),
+            (
+                self.learning_rate >= 0 and self.critic_learning_rate >= 0,
+                "learning_rate and critic_learning_rate must be >= 0",
+            ),
+            (self.max_turns >= 1, f"max_turns must be >= 1, not {self.max_turns}"),
+            (self.lora_r >= 1 and self.lora_alpha > 0, "lora_r must be >= 1 and lora_alpha > 0"),
+            (self.kl_horizon > 0, f"kl_horizon must be > 0 episodes, not {self.kl_horizon}"),
+            (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, not {self.ppo_epochs}"),
+            (
+                self.device is None
+                or self.device == "cpu"
+                or not self.device.startswith("cuda")
+                or _has_cuda(),
+                f"device {self.device!r} asked for, but this machine has no CUDA device",
+            ),
+            (
+                self.output_dir is None
+                or not Path(self.output_dir).exists()
+                or Path(self.output_dir).is_dir(),
+                f"output_dir {self.output_dir!r} is a file, not a folder",
+            ),
+            (
                 0 < self.micro_batch_size <= self.minibatch_size <= self.num_episodes,
                 "need 0 < micro_batch_size <= minibatch_size <= num_episodes",
             ),
@@ -211,6 +244,12 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 PRESETS: dict[str, Config] = {
@@ -299,8 +338,14 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m ppo.train")
     known, _ = pre.parse_known_args(argv)
     if known.preset not in PRESETS:
         raise SystemExit(f"unknown preset {known.preset!r}; choose from {', '.join(PRESETS)}")
-    args = build_parser(PRESETS[known.preset], prog).parse_args(argv)
+    parser = build_parser(PRESETS[known.preset], prog)
+    args = parser.parse_args(argv)
     cfg = Config(**vars(args))
+    # Which settings the command line gave (a resumed run applies or refuses exactly those): parsed again with
+    # a marker as every default, the flags that were written are the values that are not the marker.
+    unset = object()
+    parser.set_defaults(**dict.fromkeys(vars(args), unset))
+    cfg.given = frozenset(k for k, v in vars(parser.parse_args(argv)).items() if v is not unset)
     try:
         cfg.validate()
     except ValueError as err:
@@ -314,6 +359,16 @@ def config_table(cfg: Config) -> str:
     return "|parameter|value|\n|-|-|\n" + "\n".join(rows)
 
 
+def given_settings(cfg: Config) -> set[str]:
+    """The settings a caller chose: the flags on the command line (``parse_args``), or, for a Config built in
+    code, the fields that differ from their preset's defaults."""
+    given = getattr(cfg, "given", None)
+    if given is not None:
+        return set(given)
+    defaults = PRESETS.get(cfg.preset, PRESETS["tiny"])
+    return {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -323,4 +378,6 @@ def from_dict(data: dict) -> Config:
     return Config(**{k: v for k, v in data.items() if k in names})
 
 
-__all__ = ["PRESETS", "Config", "build_parser", "config_table", "from_dict", "parse_args", "to_dict"]
+__all__ = [
+    "PRESETS", "Config", "build_parser", "config_table", "from_dict", "given_settings", "parse_args", "to_dict",
+]  # fmt: skip

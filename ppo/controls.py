@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
             cmd = [sys.executable, "-m", "ppo.train", "--output-dir", str(run_dir), "--iterations", str(iterations),
                    "--eval-every", str(args.eval_every), *extra, *flags]  # fmt: skip
             if run_dir.exists():
-                cmd += ["--resume", str(run_dir)] if (run_dir / "checkpoints").is_dir() else []
+                # A run with a checkpoint continues; one stopped before its first checkpoint starts again.
+                cmd += ["--resume", str(run_dir)] if (run_dir / "checkpoints").is_dir() else ["--overwrite"]
             print(f"controls: {name}: {' '.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, check=True)
         results[name] = curves(run_dir)

@@ -203,6 +203,43 @@ def turn_discounts(action_mask: Tensor, token_gamma: float, turn_gamma: float) -
     return torch.where(turn_end, gamma * turn_gamma, gamma)
 
 
+def center_per_group(advantages: Tensor, action_mask: Tensor, groups: Tensor) -> Tensor:
+    """Subtract from each row's advantages the mean, over the rows of its group, of each row's mean advantage.
+
+    Args:
+        advantages: (B, T) advantages (e.g. from ``compute_gae``).
+        action_mask: (B, T) 1 on action tokens.
+        groups: (B,) integer group of each row (the rows of one task played several times share one).
+
+    Returns:
+        (B, T) advantages, 0 at masked positions. Row ``i`` of group ``g`` loses ``mean_{j in g} mean_t A[j, t]``,
+        the mean over the group's rows (that have action tokens) of their token-mean advantage.
+
+    Why: episodes of one task start from one prompt, so their first-turn advantages under GAE with lambda 1 are
+    ``G_i - V(prompt)`` with a shared ``V(prompt)``. Centering them within the group turns that into ``G_i -
+    mean_j G_j`` (the group baseline of GRPO, Shao et al. 2024, arXiv:2402.03300), whatever the critic's error
+    on the task; the critic still sets the credit between tokens and turns inside an episode.
+    """
+    _check_shapes("center_per_group", ndim=2, advantages=advantages, action_mask=action_mask)
+    if groups.shape != advantages.shape[:1]:
+        raise ValueError(
+            f"center_per_group: groups must have shape ({advantages.shape[0]},), got {tuple(groups.shape)}."
+        )
+    m = _as_bool(action_mask)
+    a = _zero_masked(advantages.float(), m)
+    counts = m.sum(dim=1)  # (B,)
+    has_actions = counts > 0
+    row_mean = a.sum(dim=1) / counts.clamp(min=1)  # (B,)
+    _, group = torch.unique(groups, return_inverse=True)  # (B,) in 0..G-1
+    n_groups = int(group.max()) + 1 if group.numel() else 0
+    sums = torch.zeros(n_groups, device=a.device).index_add_(
+        0, group, torch.where(has_actions, row_mean, 0.0)
+    )
+    sizes = torch.zeros(n_groups, device=a.device).index_add_(0, group, has_actions.float())
+    offset = (sums / sizes.clamp(min=1))[group]  # (B,)
+    return _zero_masked(a - offset[:, None], m)
+
+
 # --- losses -----------------------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -82,10 +83,10 @@ def format_table(result: dict) -> str:
 
 def _config_for(args) -> Config:
     if args.checkpoint:
-        from ppo.checkpoint import latest_checkpoint, load_config, output_dir_of
+        from ppo.checkpoint import latest_checkpoint, run_config
 
         checkpoint = latest_checkpoint(args.checkpoint)
-        cfg = from_dict(load_config(output_dir_of(checkpoint)))
+        cfg = from_dict(run_config(checkpoint))
         args.checkpoint = str(checkpoint)
     else:
         cfg = dataclasses.replace(PRESETS[args.preset])
@@ -116,9 +117,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--max-new-tokens", type=int, default=0, help="per-turn token limit (default: the config's)"
     )
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N tasks")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N tasks (0: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="episodes played at once")
     args = parser.parse_args(argv)
+    # Checked before anything loads, so a typo costs a second, not an evaluation.
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, not {args.batch_size}")
+    if args.limit < 0:
+        parser.error(f"--limit must be >= 0 (0: all tasks), not {args.limit}")
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+    if args.json and Path(args.json).is_dir():
+        parser.error(f"--json {args.json} is a folder; give a file path")
+    from env import ServerStartError, TaskError
+    from models import ModelLoadError
+    from ppo.checkpoint import CheckpointError
+
+    try:
+        return _evaluate_cli(args)
+    except (ModelLoadError, ServerStartError, TaskError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _evaluate_cli(args) -> dict:
     cfg = _config_for(args)
     from ppo.setup import load_policy, resolve_tasks
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,15 +28,17 @@ from tqdm.auto import tqdm
 from ppo import core
 from ppo import distributed as dist
 from ppo.checkpoint import (
+    CheckpointError,
+    RunFolderError,
     TaskSampler,
     latest_checkpoint,
-    load_config,
     load_trainer_state,
     output_dir_of,
+    run_config,
     save_checkpoint,
     save_config,
 )
-from ppo.config import Config, config_table, from_dict, parse_args, to_dict
+from ppo.config import Config, config_table, from_dict, given_settings, parse_args, to_dict
 from ppo.monitor import MetricsLogger, episode_metrics, render_episode, summary_line
 from ppo.rollout import ChatFormat, RolloutBatch, collect_rollouts
 from ppo.setup import build_optimizer, build_scheduler, load_policy, make_env_pool, resolve_tasks
@@ -160,6 +163,10 @@ def compute_advantages(batch: RolloutBatch, data: dict, cfg: Config, kl_coef: fl
         core.turn_discounts(batch.action_mask, cfg.gamma, cfg.turn_gamma) if cfg.turn_gamma < 1 else cfg.gamma
     )
     advantages, returns = core.compute_gae(rewards, data["old_values"], batch.action_mask, gamma, cfg.lam)
+    if cfg.center_per_task and cfg.episodes_per_task > 1:
+        task_index = {task: k for k, task in enumerate(dict.fromkeys(e.task_id for e in batch.episodes))}
+        groups = torch.tensor([task_index[e.task_id] for e in batch.episodes])
+        advantages = core.center_per_group(advantages, batch.action_mask, groups)
     if cfg.whiten_advantages:
         advantages = _whiten(advantages, batch.action_mask)
     return {**data, "rewards": rewards, "kl": kl, "advantages": advantages, "returns": returns}
@@ -198,6 +205,8 @@ def main(cfg: Config) -> dict:
     if resume_from is not None:
         start = _restore(resume_from, actor_critic, optimizer, scheduler, kl_ctl, sampler)
         print(f"resuming from {resume_from} at iteration {start}")
+    else:
+        _open_run_folder(cfg, output_dir)
     logger = MetricsLogger(output_dir, start_iteration=start, enabled=dist.is_main())
     if start == 0:
         logger.text("config", config_table(cfg), 0)
@@ -224,7 +233,7 @@ def main(cfg: Config) -> dict:
             logger.log(iteration, metrics)
             if dist.is_main():
                 progress.write(summary_line(iteration, cfg.iterations, metrics))
-            if done % cfg.save_every == 0 or done == cfg.iterations:
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.iterations:
                 _save(output_dir, done, cfg, actor_critic, optimizer, scheduler, kl_ctl, sampler)
     logger.close()
     if dist.is_main():
@@ -348,23 +357,87 @@ def _light(episodes: list) -> list:
     return [dataclasses.replace(e, ids=[], action_mask=[0], scores=[0.0], messages=[]) for e in episodes]
 
 
+# What --resume may change: how long the run goes on, how it is watched, and where it runs. Everything else
+# (model, tasks, PPO settings, seed) is part of what is being continued, so a flag changing it is refused.
+RESUMABLE = (
+    "iterations", "save_every", "log_samples_every", "eval_every", "eval_episodes", "eval_tasks",
+    "mcp_server", "call_timeout", "device",
+)  # fmt: skip
+_NOT_SETTINGS = ("resume", "overwrite", "output_dir", "preset")
+RUN_FILES = {"config.json", "metrics.jsonl", "checkpoints", "tensorboard"}  # what marks a folder as a run
+
+
 def _prepare_run(cfg: Config) -> tuple[Config, Path, Path | None]:
-    """Resolve the output directory; on ``--resume`` take the saved config (keeping the new iteration count)."""
+    """Resolve the output directory and, on ``--resume``, the saved config with the flags that may change.
+
+    A new run refuses an output directory that already holds one, unless ``overwrite`` (then it is deleted).
+    """
     if cfg.resume:
-        checkpoint = latest_checkpoint(cfg.resume)
+        checkpoint = latest_checkpoint(cfg.resume, quiet=not dist.is_main())
         output_dir = output_dir_of(checkpoint)
-        saved = from_dict(load_config(output_dir))
-        saved.iterations, saved.resume, saved.output_dir = cfg.iterations, cfg.resume, str(output_dir)
+        saved = from_dict(run_config(checkpoint))
+        _apply_resume_flags(cfg, saved, output_dir)
         return saved, output_dir, checkpoint
     # Every rank must write to rank 0's directory, whatever time each rank reads from its clock.
     default = f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     output_dir = Path(dist.all_gather_objects(cfg.output_dir or default)[0])
     cfg.output_dir = str(output_dir)
+    held = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    # Every rank sees the same folder, so all refuse together, before anything is written.
+    if held and not set(held) & RUN_FILES:
+        raise RunFolderError(
+            f"{output_dir} is not empty ({listed}) and holds no run; choose an empty or new --output-dir"
+        )
+    if held and not cfg.overwrite:
+        raise RunFolderError(
+            f"{output_dir} already holds a run ({listed}); continue it with --resume {output_dir}, choose "
+            "another --output-dir, or pass --overwrite to delete it and start afresh"
+        )
+    return cfg, output_dir, None
+
+
+def _open_run_folder(cfg: Config, output_dir: Path) -> None:
+    """Create a new run's folder and write its config (with ``overwrite``, deleting the run there first).
+
+    Called once the model and the tasks have loaded, so a run that cannot start leaves no folder behind.
+    """
+    dist.barrier()
     if dist.is_main():
+        if cfg.overwrite and output_dir.is_dir() and any(output_dir.iterdir()):
+            print(f"--overwrite: deleting the run in {output_dir}", flush=True)
+            shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(output_dir, to_dict(cfg))
     dist.barrier()
-    return cfg, output_dir, None
+
+
+def _apply_resume_flags(cfg: Config, saved: Config, output_dir: Path) -> None:
+    """Carry onto ``saved`` the settings given for the resumed run that may change; refuse the others."""
+    refused = []
+    given = given_settings(cfg)
+    if cfg.output_dir is not None and Path(cfg.output_dir).resolve() != Path(output_dir).resolve():
+        refused.append(f"--output-dir {cfg.output_dir} (the run's: {output_dir})")
+    for name in sorted(given - set(_NOT_SETTINGS)):
+        value, old = getattr(cfg, name), getattr(saved, name)
+        if value == old:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in RESUMABLE:
+            if dist.is_main():
+                print(f"resume: {flag} {value} (was {old})", flush=True)
+            setattr(saved, name, value)
+        else:
+            refused.append(f"{flag} {value} (the run's: {old})")
+    if "preset" in given and cfg.preset != saved.preset:
+        refused.append(f"--preset {cfg.preset} (the run's: {saved.preset})")
+    if refused:
+        raise RunFolderError(
+            "--resume continues a run with its own settings; these flags would change it: "
+            + "; ".join(refused)
+            + f". Drop them, or start a new run with --output-dir. A resumed run may change {', '.join(RESUMABLE)}"
+        )
+    saved.resume, saved.output_dir = cfg.resume, str(output_dir)
 
 
 def _restore(checkpoint, actor_critic, optimizer, scheduler, kl_ctl, sampler) -> int:
@@ -399,13 +472,31 @@ def cli(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
         main(cfg)
-    except (ModelLoadError, ServerStartError, TaskError, FileNotFoundError) as err:
+    except (
+        ModelLoadError,
+        ServerStartError,
+        TaskError,
+        CheckpointError,
+        RunFolderError,
+        FileNotFoundError,
+    ) as err:
         # Errors about the user's inputs: one clear sentence, not a stack trace from deep inside.
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is intact; continue with --resume", file=sys.stderr)
+        print(f"interrupted: {_resume_hint(cfg.resume or cfg.output_dir)}", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def _resume_hint(run: str | None) -> str:
+    """What an interrupted run left to continue from, in one sentence."""
+    try:
+        checkpoint = latest_checkpoint(run, quiet=True) if run else None
+    except (CheckpointError, FileNotFoundError):
+        checkpoint = None
+    if checkpoint is None:
+        return "no checkpoint was written yet, so there is nothing to resume; start the run again"
+    return f"checkpoint {checkpoint.name} is intact; continue with --resume {output_dir_of(checkpoint)}"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torch.testing import assert_close
 from ppo.core import (
     AdaptiveKLController,
     FixedKLController,
+    center_per_group,
     compute_gae,
     entropy_from_logits,
     explained_variance,
@@ -234,6 +235,36 @@ def test_a_recovered_success_is_worth_turn_gamma_less():
 def test_gae_rejects_bad_gamma():
     with pytest.raises(ValueError, match="gamma"):
         compute_gae(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), 1.5, 0.9)
+
+
+def test_center_per_group_by_hand():
+    # Group 7: row means 1.5 and 3, offset 2.25. Group 2: row 2 has mean 4; row 3 has no action token and
+    # neither counts in its group's mean nor receives anything.
+    adv = torch.tensor([[1.0, 2.0, 9.0], [3.0, 3.0, 3.0], [0.0, 4.0, 0.0], [5.0, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 0], [0, 0, 0]])
+    out = center_per_group(adv, mask, torch.tensor([7, 7, 2, 2]))
+    assert_close(
+        out, torch.tensor([[-1.25, -0.25, 0.0], [0.75, 0.75, 0.75], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    )
+
+
+def test_center_per_group_matches_a_loop_and_ignores_garbage():
+    g = torch.Generator().manual_seed(3)
+    adv = torch.randn(12, 9, generator=g)
+    mask = (torch.rand(12, 9, generator=g) < 0.6).float()
+    groups = torch.arange(12) // 4
+    out = center_per_group(with_garbage(adv, mask), mask, groups)
+    expected = torch.zeros_like(adv)
+    for k in range(3):
+        rows = range(4 * k, 4 * k + 4)
+        means = [float(adv[i][mask[i] > 0].mean()) for i in rows if mask[i].sum() > 0]
+        for i in rows:
+            expected[i] = (adv[i] - sum(means) / len(means)) * mask[i]
+    assert_close(out, expected)
+    # With lambda 1 the rows of one prompt share V(prompt): centred, their first-token advantages are G_i - mean G.
+    returns = torch.tensor([1.0, 0.0, 0.0, 0.5])
+    first = center_per_group((returns - 0.3)[:, None].expand(4, 2), torch.ones(4, 2), torch.zeros(4))[:, 0]
+    assert_close(first, returns - returns.mean())
 
 
 # --- policy loss ------------------------------------------------------------------------------------------

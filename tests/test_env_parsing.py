@@ -216,3 +216,23 @@ def test_missing_task_file_and_task_lists(tmp_path):
         load_tasks(tmp_path / "nope.jsonl")
     with pytest.raises(TaskError, match="task 1: missing key 'id'"):
         load_tasks([json.loads(GOOD), {"prompt": "p", "success": {"tool": "x"}}])
+
+
+def test_stripping_reasoning_stays_linear_in_hostile_text():
+    # 42,000 unclosed <think> tags took a lazy regex a minute. Timed side by side: ten times the text may cost
+    # about ten times as much (a quadratic scan would cost a hundred times); min of 3 damps scheduler noise.
+    import time
+
+    def cost(n: int) -> float:
+        text = "<think>" * n + "</tool_call>" * n
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            parse_turn(text)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    small, large = cost(4_000), cost(40_000)
+    assert large < 40 * max(small, 1e-4), (small, large)
+    assert strip_reasoning("<think>" * 1000 + "x") == ""
+    assert strip_reasoning("a<think>b</think>c<think>d") == "ac"

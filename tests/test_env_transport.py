@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from env import MCPGymEnv, ServerStartError
+from tests.conftest import free_port
 
 SERVER_SCRIPT = str(Path(__file__).parent / "servers" / "echo_server.py")
 TASKS = [{"id": "echo", "prompt": "Echo hi.", "success": {"tool": "echo", "result_equals": "hi"}}]
@@ -33,8 +34,11 @@ def server_pid(environment):
 def test_stdio_session_survives_a_killed_server():
     environment = MCPGymEnv([sys.executable, SERVER_SCRIPT], TASKS, max_turns=10)
     try:
-        assert not environment.fresh_session_per_episode  # stdio default: a process start costs ~1 s
-        environment.reset()
+        # The echo server declares no episode isolation: the same process serves every episode, and the env
+        # says once that state is shared.
+        assert environment.isolation == "none"
+        with pytest.warns(RuntimeWarning, match="does not declare episode isolation"):
+            environment.reset()
         first = server_pid(environment)
         environment.reset()
         assert server_pid(environment) == first  # the same process serves the next episode
@@ -61,12 +65,6 @@ def test_stdio_fresh_session_per_episode_starts_a_new_process():
         environment.close()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_http(port):
     process = subprocess.Popen(
         [sys.executable, SERVER_SCRIPT, "--http", str(port)],
@@ -83,13 +81,14 @@ def _start_http(port):
 
 
 def test_http_transport_and_a_server_dying_mid_call():
-    port = _free_port()
+    port = free_port()
     process = _start_http(port)
     environment = None
     try:
         environment = MCPGymEnv(f"http://127.0.0.1:{port}/mcp", TASKS, max_turns=10, call_timeout=20)
-        assert environment.fresh_session_per_episode  # HTTP default
-        environment.reset()
+        assert environment.isolation == "none"  # the echo server declares no episode isolation
+        with pytest.warns(RuntimeWarning, match="does not declare episode isolation"):
+            environment.reset()
         _, reward, terminated, _, info = environment.step(call("echo", text="hi"))
         assert (info["status"], reward, terminated) == ("success", 10.0, True)
         environment.reset()

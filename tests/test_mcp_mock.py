@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import queue
 import re
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -448,30 +446,6 @@ def test_stdio_speaks_raw_json_rpc():
     finally:
         proc.stdin.close()
         proc.wait(timeout=10)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def http_url():
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mcp_mock", "--http", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "the HTTP server did not start"
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}/mcp"
-    proc.kill()
-    proc.wait(timeout=10)
 
 
 def test_http_with_the_sdk_client(http_url):

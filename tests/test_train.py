@@ -92,6 +92,11 @@ def test_training_changes_adapters_and_head_but_not_the_base(trained_state):
     assert any(moved)
 
 
+def test_save_every_zero_writes_only_the_last_checkpoint(small_tiny_dir, tmp_path):
+    train.main(small_config(small_tiny_dir, tmp_path / "run", save_every=0, iterations=2))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("iter_*")] == ["iter_000002"]
+
+
 def test_resume_continues_exactly(small_tiny_dir, tmp_path):
     straight = small_config(small_tiny_dir, tmp_path / "straight", iterations=2)
     train.main(straight)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from ppo.checkpoint import TaskSampler, latest_checkpoint, load_trainer_state, save_checkpoint
 from ppo.config import PRESETS, Config, config_table, field_help, parse_args
@@ -69,7 +70,9 @@ class _FakePolicy:
         self.fail = fail
 
     def save_pretrained(self, directory):
-        (directory / "adapter_model.safetensors").write_bytes(b"weights")
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(directory / "adapter_model.safetensors"))
         if self.fail:
             raise RuntimeError("disk full")
 
@@ -85,8 +88,11 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert latest_checkpoint(tmp_path).name == "iter_000004"
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     assert load_trainer_state(latest_checkpoint(tmp_path))["iteration"] == 4
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         latest_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        latest_checkpoint(tmp_path / "empty")
 
 
 def _episode(statuses, rewards, success, category="math"):
