@@ -92,6 +92,14 @@ def parse_call(body: str) -> ParsedCall:
         return ParsedCall(
             None, error=f"invalid tool call: expected a JSON object, got {_kind(obj)}", raw=body
         )
+    try:  # a lone surrogate escape ("\\ud800") parses, but no transport can send it: it is not Unicode text
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return ParsedCall(
+            None,
+            error="invalid tool call: a string holds a lone surrogate (\\ud800-\\udfff), not valid Unicode",
+            raw=body,
+        )
     name, arguments = obj.get("name"), obj.get("arguments")
     if not isinstance(name, str) or not name:
         return ParsedCall(None, error="invalid tool call: 'name' must be a non-empty string", raw=body)

@@ -115,13 +115,16 @@ def _binary(node: ast.BinOp) -> float:
 
 
 def _power(base: float, exponent: float) -> float:
-    # Estimate the size first: 9**9**9 must be refused without being computed.
-    if base not in (0, 1, -1) and abs(exponent) * math.log10(abs(base)) > math.log10(MAX_MAGNITUDE):
+    # Estimate the size first: 9**9**9 must be refused without being computed. log10|b**x| = x * log10|b|, so
+    # 0.5**-2000 is huge and 2**-400 is tiny (it underflows towards 0, which is a fine answer).
+    if base not in (0, 1, -1) and exponent * math.log10(abs(base)) > math.log10(MAX_MAGNITUDE):
         raise ToolError(f"result too large; results are limited to {MAX_MAGNITUDE:g}")
     try:
         result = base**exponent
     except ZeroDivisionError:
         raise ToolError("division by zero") from None
+    except OverflowError:
+        raise ToolError(f"result too large; results are limited to {MAX_MAGNITUDE:g}") from None
     if isinstance(result, complex):
         raise ToolError("a negative number to a fractional power has no real result")
     return _bounded(result)

@@ -7,6 +7,7 @@ import io
 import json
 import statistics
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from mcp.server.mcpserver.exceptions import ToolError
 
@@ -34,16 +35,28 @@ def compute_statistics(numbers: list[object]) -> str:
     if len(numbers) > MAX_ITEMS:
         raise ToolError(f"numbers has {len(numbers)} items; the limit is {MAX_ITEMS}")
     values = [as_number(x, f"numbers[{i}]") for i, x in enumerate(numbers)]
-    stats = {
-        "count": len(values),
-        "sum": sum(values),
-        "mean": statistics.fmean(values),
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "stdev": statistics.stdev(values) if len(values) > 1 else 0,
-    }
-    return "\n".join(f"{name}: {fmt_number(value)}" for name, value in stats.items())
+    with _overflow_is_a_tool_error():
+        stats = {
+            "count": len(values),
+            "sum": sum(values),
+            "mean": statistics.fmean(values),
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "stdev": statistics.stdev(values) if len(values) > 1 else 0,
+        }
+        return "\n".join(f"{name}: {fmt_number(value)}" for name, value in stats.items())
+
+
+@contextmanager
+def _overflow_is_a_tool_error():
+    """Numbers near the float limit (1e308) overflow in sums; say so instead of failing inside statistics."""
+    try:
+        yield
+    except OverflowError:
+        raise ToolError(
+            "the numbers are too large to add up (the result overflows); use smaller values"
+        ) from None
 
 
 def _check_records(records: list[object], field: str) -> list[dict]:
@@ -109,7 +122,8 @@ def group_records(records: list[object], by: str, field: str, agg: str) -> str:
         value = 0 if agg == "count" else as_number(r[field], field)
         groups.setdefault(str(r[by]), []).append(value)
     fold = {"sum": sum, "mean": statistics.fmean, "count": len, "min": min, "max": max}[agg]
-    return "\n".join(f"{name}: {fmt_number(fold(values))}" for name, values in sorted(groups.items()))
+    with _overflow_is_a_tool_error():
+        return "\n".join(f"{name}: {fmt_number(fold(values))}" for name, values in sorted(groups.items()))
 
 
 def _cell(text: str) -> object:

@@ -6,12 +6,14 @@ of a small model. Database writes live in a per-episode copy (see `_db` and `Epi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from mcp.server.extension import Extension
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field, WithJsonSchema
 
 from . import calc, data_tools, db, search, units
@@ -59,6 +61,33 @@ def _db(ctx: Context) -> db.ShopDB:
     return ctx.request_context.lifespan_context.get(f"session:{session}" if session else None)
 
 
+def _safe_tool(mcp: MCPServer) -> Callable[[Callable[..., Any]], Any]:
+    """``mcp.tool`` for functions whose every failure reaches the model as a ToolError it can act on.
+
+    The tools raise ToolError for what they foresee; anything else (an overflow deep in a library) would come
+    back as a bare "Error executing tool X" and print a traceback on the trainer's console (in process, the
+    server logs there). It becomes one sentence naming the tool and the error instead.
+    """
+    register = mcp.tool(structured_output=False)
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        @functools.wraps(fn)  # keeps the signature and docstring the tool schema is built from
+        def safe(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ToolError:
+                raise
+            except Exception as exc:
+                detail = str(exc)[:200] or type(exc).__name__
+                raise ToolError(
+                    f"{fn.__name__} could not handle these arguments ({detail}); try other values"
+                ) from None
+
+        return register(safe)
+
+    return decorate
+
+
 def create_server(log_level: str = "WARNING") -> MCPServer:
     """A fresh server with its own state, for in-process clients (`mcp.Client(create_server())`).
 
@@ -72,7 +101,7 @@ def create_server(log_level: str = "WARNING") -> MCPServer:
         log_level=log_level,
         extensions=[EpisodeIsolation()],
     )
-    tool = mcp.tool(structured_output=False)
+    tool = _safe_tool(mcp)
 
     @tool
     def calculator(expression: Annotated[str, Field(description="Arithmetic, e.g. '17 * 23 + 5'.")]) -> str:
@@ -128,7 +157,7 @@ def create_server(log_level: str = "WARNING") -> MCPServer:
 
 
 def _add_data_tools(mcp: MCPServer) -> None:
-    tool = mcp.tool(structured_output=False)
+    tool = _safe_tool(mcp)
 
     @tool
     def compute_statistics(
