@@ -179,6 +179,9 @@ READ_ABUSE = [
     ("SELECT load_extension('{tmp}')", "not allowed: the function load_extension()"),
     ("WITH x AS (SELECT 1) DELETE FROM orders", "not allowed: DELETE"),
     ("WITH x AS (SELECT 1) UPDATE orders SET quantity = 0", "not allowed: UPDATE"),
+    # Reads may let table-valued functions register themselves in sqlite_master; a statement cannot write it.
+    ("WITH x AS (SELECT 1) UPDATE sqlite_master SET sql = 'x'", "may not be modified"),
+    ("SELECT * FROM pragma_writable_schema", "not allowed"),
     ("INSERT INTO orders VALUES (999, 1, 1, 1, '2024-01-01')", "use execute_write"),
     ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c", "was stopped"),
     ("SELECT randomblob(1000000)", "SQL error"),
