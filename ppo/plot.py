@@ -87,6 +87,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--window", type=int, default=5, help="moving-average window in iterations")
     args = parser.parse_args(argv)
     run = Path(args.run)
+    metrics = run / "metrics.jsonl" if run.is_dir() else run
+    if not metrics.is_file():
+        parser.error(f"{metrics} does not exist: give a run's output directory or its metrics.jsonl")
+    if args.window < 1:
+        parser.error(f"--window must be >= 1, not {args.window}")
+    for name in ("before", "after"):
+        if getattr(args, name) and not Path(getattr(args, name)).is_file():
+            parser.error(f"--{name} {getattr(args, name)} does not exist")
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "success_curve.png"
     load = lambda p: json.loads(Path(p).read_text()) if p else None  # noqa: E731
     path = plot(read_metrics(run), out, load(args.before), load(args.after), args.window)

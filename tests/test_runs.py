@@ -204,3 +204,17 @@ def test_evaluate_cli_refuses_bad_input_in_one_line(flags, message):
     proc = _cli("ppo.evaluate", *flags)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "flags", "message"),
+    [
+        ("ppo.plot", ["/no/such/run"], "does not exist"),
+        ("mcp_mock", ["--http", "--port", "99999"], "--port must be between 1 and 65535"),
+        *([] if torch.cuda.is_available() else [("ppo.bench", ["--gpu-only"], "no CUDA device")]),
+    ],
+)
+def test_other_commands_refuse_bad_input_in_one_line(module, flags, message):
+    proc = _cli(module, *flags)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert message in proc.stderr

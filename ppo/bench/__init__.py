@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds): for tests")
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU measurements")
     args = parser.parse_args(argv)
+    if args.gpu_only and not torch.cuda.is_available():
+        parser.error("--gpu-only asked for, but this machine has no CUDA device: nothing to measure")
     rec = Recorder(args.json)
     results = rec.results
     results.update(machine=machine_info(), quick=args.quick)
@@ -171,8 +173,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from ppo.bench.gpu import run_gpu
 
             run_gpu(rec, workdir, args.quick)
-        elif args.gpu_only:
-            log("no GPU: --gpu-only measured nothing")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         summarize(results)
