@@ -210,6 +210,7 @@ class MCPConnection:
         self._done: anyio.Event | None = None
         self._in_flight: set[anyio.CancelScope] = set()
         self._healthy = False
+        self._opening: anyio.Lock | None = None
         self.extensions: dict[str, Any] = {}
 
     @property
@@ -300,9 +301,14 @@ class MCPConnection:
         return CallResult(text, True, connection_lost=True)
 
     async def _ensure_open(self) -> None:
-        """Open the session, or restart it after the server died."""
-        if not self.connected:
-            await self.open()
+        """Open the session, or restart it after the server died; once, when several envs share it."""
+        if self.connected:
+            return
+        if self._opening is None:  # made on the loop, on first need (no await between test and set)
+            self._opening = anyio.Lock()
+        async with self._opening:
+            if not self.connected:
+                await self.open()
 
     async def _supervise(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Own the client context: open it, wait for stop, and outlive a server that dies."""

@@ -113,6 +113,8 @@ class MCPGymEnv(gym.Env[str, str]):
     - ``portal``: an anyio ``BlockingPortal`` to share one event-loop thread (``EnvPool`` does this).
     - ``start_timeout``: seconds a server has to start before :class:`env.ServerStartError`.
     - ``lazy_connect``: connect on the first reset rather than in the constructor.
+    - ``connection``: an open ``MCPConnection`` to share with other envs (only to a server that isolates
+      episodes by key: their episodes then run side by side on one session); this env never closes it.
 
     A server that dies is restarted on the next call; if the restart fails, ``step`` raises
     :class:`env.ServerStartError` (the env cannot go on, and that is not the model's doing).
@@ -135,6 +137,7 @@ class MCPGymEnv(gym.Env[str, str]):
         portal: BlockingPortal | None = None,
         start_timeout: float = 30.0,
         lazy_connect: bool = False,
+        connection: MCPConnection | None = None,
     ) -> None:
         if max_turns < 1 or max_calls_per_turn < 1 or max_invalid_turns < 1 or max_output_chars < 1:
             raise ValueError(
@@ -158,7 +161,12 @@ class MCPGymEnv(gym.Env[str, str]):
         self._validators: dict[str, Any] = {}
         self._episode: _Episode | None = None
         self._bridge = Bridge(portal)
-        self._connection = MCPConnection(self.server, self._bridge.task_group, start_timeout=start_timeout)
+        # A connection handed in is shared with other envs (EnvPool does this for a stdio server that isolates
+        # episodes by key): this env uses it and leaves closing it to its owner.
+        self._owns_connection = connection is None
+        self._connection = connection or MCPConnection(
+            self.server, self._bridge.task_group, start_timeout=start_timeout
+        )
         if not lazy_connect:
             try:
                 self._bridge.call(self._aconnect)
@@ -191,7 +199,8 @@ class MCPGymEnv(gym.Env[str, str]):
         if self._bridge.closed:
             return
         try:
-            self._bridge.call(self._connection.close)
+            if self._owns_connection:
+                self._bridge.call(self._connection.close)
         finally:
             self._bridge.close()
 

@@ -25,8 +25,17 @@ class EnvPool:
     """
 
     def __init__(
-        self, num_envs: int, server: Any = None, tasks: TaskSource = None, **env_kwargs: Any
+        self,
+        num_envs: int,
+        server: Any = None,
+        tasks: TaskSource = None,
+        *,
+        share_stdio_server: bool = True,
+        **env_kwargs: Any,
     ) -> None:
+        """``share_stdio_server``: a stdio server that isolates episodes by key (``MCPGymEnv.isolation``) is
+        started once and serves every env, instead of one process per env (about 70 MB and a second of start
+        each). Other servers, or False, give every env its own session."""
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.tasks = load_tasks(tasks)
@@ -34,10 +43,27 @@ class EnvPool:
         self._portal = self._loop.portal
         self.envs: list[MCPGymEnv] = []
         try:
-            for _ in range(num_envs):
-                env = MCPGymEnv(server, self.tasks, portal=self._portal, lazy_connect=True, **env_kwargs)
+            first = MCPGymEnv(server, self.tasks, portal=self._portal, lazy_connect=True, **env_kwargs)
+            self.envs.append(first)
+            self._gather([first._aconnect])
+            share = (
+                share_stdio_server
+                and first.server.kind == "stdio"
+                and first.isolation == "episode-key"
+                and not env_kwargs.get("fresh_session_per_episode")
+            )
+            connection = first._connection if share else None
+            for _ in range(num_envs - 1):
+                env = MCPGymEnv(
+                    server,
+                    self.tasks,
+                    portal=self._portal,
+                    lazy_connect=True,
+                    connection=connection,
+                    **env_kwargs,
+                )
                 self.envs.append(env)
-            self._gather([env._aconnect for env in self.envs])
+            self._gather([env._aconnect for env in self.envs[1:]])
         except BaseException:
             self.close()
             raise

@@ -10,6 +10,7 @@ import json
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,26 @@ def test_concurrent_episodes_on_one_http_server_do_not_see_each_other(http_url):
     finally:
         writer.close()
         reader.close()
+
+
+@pytest.mark.slow
+def test_a_pool_shares_one_stdio_server_that_isolates_and_its_episodes_stay_apart():
+    from env import EnvPool
+
+    with EnvPool(4, [sys.executable, "-m", "mcp_mock"], TASKS, call_timeout=20) as pool:
+        assert len({id(env._connection) for env in pool.envs}) == 1  # one process serves the four envs
+        pool.reset(["free"] * 4)
+        results = pool.step([call("execute_write", sql=INSERT), None, None, None])
+        assert results[0][4]["status"] == "tool_execution"
+        seen = pool.step([call("query_database", sql=LOOKUP)] * 4)  # four calls in flight on one session
+        assert "Nowhere" in seen[0][0] and all("(0 rows)" in r[0] for r in seen[1:])
+
+
+@pytest.mark.slow
+def test_a_pool_gives_a_server_without_isolation_one_session_per_env():
+    from env import EnvPool
+
+    echo = str(Path(__file__).parent / "servers" / "echo_server.py")
+    echo_tasks = [{"id": "echo", "prompt": "Echo hi.", "success": {"tool": "echo", "result_equals": "hi"}}]
+    with EnvPool(2, [sys.executable, echo], echo_tasks) as pool:
+        assert len({id(env._connection) for env in pool.envs}) == 2
