@@ -42,6 +42,26 @@ HOSTILE = [
         "the function printf()",
     ),
     ("calculator", {"expression": "\ud800"}, "invalid_json", "lone surrogate"),
+    # Writes stopped by the page limit or the time limit are undone, and the rollback itself does not fail.
+    (
+        "execute_write",
+        {
+            "sql": "INSERT INTO customers (full_name, city) WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL "
+            "SELECT x + 1 FROM c) SELECT 'x' || x, 'y' FROM c"
+        },
+        "tool_error",
+        "the statement was undone",
+    ),
+    (
+        "execute_write",
+        {
+            "sql": "UPDATE products SET name = name WHERE id IN (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL "
+            "SELECT x + 1 FROM c) SELECT x FROM c)"
+        },
+        "tool_error",
+        "was stopped",
+    ),
+    ("query_database", {"sql": "SELECT count(*) FROM customers"}, "tool_execution", "\n60\n"),
 ]
 
 
