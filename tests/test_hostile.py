@@ -1,5 +1,5 @@
 """Hostile tool calls, one table: each is a clear message the model can act on, nothing reaches the trainer's
-console, and the session goes on serving (in process and over stdio, where a dropped session loses state)."""
+console, and the session goes on serving (in process, over stdio and over HTTP)."""
 
 from __future__ import annotations
 
@@ -71,9 +71,11 @@ def _call(name: str, arguments: dict) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["stdio", "inprocess"])
+@pytest.mark.parametrize("transport", ["stdio", "http", "inprocess"])
 def test_hostile_calls_are_clear_messages_and_the_session_survives(transport, request):
-    server = None if transport == "inprocess" else [sys.executable, "-m", "mcp_mock"]
+    server = {"inprocess": None, "stdio": [sys.executable, "-m", "mcp_mock"]}.get(transport)
+    if transport == "http":
+        server = request.getfixturevalue("http_url")
     # In process the server logs on the trainer's console, which is checked; a stdio server's stderr is its own
     # (and the stdio client needs a real stderr to hand it, which capturing would take away).
     capfd = request.getfixturevalue("capfd") if transport == "inprocess" else None
