@@ -260,9 +260,7 @@ class MCPGymEnv(gym.Env[str, str]):
 
     async def _astart_session(self) -> None:
         """Give the episode untouched server state: a new episode key, or a new session (see ``isolation``)."""
-        if self.fresh_session_per_episode or (
-            self.fresh_session_per_episode is None and self.isolation == "fresh-session"
-        ):
+        if self.fresh_session_per_episode or self.isolation == "fresh-session":
             await self._connection.close()
         await self._aconnect()
         isolation = self.isolation

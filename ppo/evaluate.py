@@ -129,13 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
     if args.json and Path(args.json).is_dir():
         parser.error(f"--json {args.json} is a folder; give a file path")
-    from env import ServerStartError, TaskError
-    from models import ModelLoadError
-    from ppo.checkpoint import CheckpointError
+    from ppo.setup import input_errors
 
     try:
         return _evaluate_cli(args)
-    except (ModelLoadError, ServerStartError, TaskError, CheckpointError, FileNotFoundError) as err:
+    except input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -147,3 +147,13 @@ def make_env_pool(cfg: Config, tasks: list[dict], size: int | None = None):
         max_turns=cfg.max_turns,
         call_timeout=cfg.call_timeout,
     )
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "your input is wrong" (model, server, task file, checkpoint, run folder, a path):
+    the command lines print them as one ``error:`` line instead of a traceback."""
+    from env import ServerStartError, TaskError
+    from models import ModelLoadError
+    from ppo.checkpoint import CheckpointError, RunFolderError
+
+    return (ModelLoadError, ServerStartError, TaskError, CheckpointError, RunFolderError, FileNotFoundError)

@@ -41,7 +41,14 @@ from ppo.checkpoint import (
 from ppo.config import Config, config_table, from_dict, given_settings, parse_args, to_dict
 from ppo.monitor import MetricsLogger, episode_metrics, render_episode, summary_line
 from ppo.rollout import ChatFormat, RolloutBatch, collect_rollouts
-from ppo.setup import build_optimizer, build_scheduler, load_policy, make_env_pool, resolve_tasks
+from ppo.setup import (
+    build_optimizer,
+    build_scheduler,
+    input_errors,
+    load_policy,
+    make_env_pool,
+    resolve_tasks,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -466,20 +473,10 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    from env import ServerStartError, TaskError
-    from models import ModelLoadError
-
     cfg = parse_args(argv)
     try:
         main(cfg)
-    except (
-        ModelLoadError,
-        ServerStartError,
-        TaskError,
-        CheckpointError,
-        RunFolderError,
-        FileNotFoundError,
-    ) as err:
+    except input_errors() as err:
         # Errors about the user's inputs: one clear sentence, not a stack trace from deep inside.
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -192,29 +192,18 @@ def test_train_cli_names_the_broken_file_in_one_line(run):
 
 
 @pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--limit", "-1"], "--limit must be >= 0"),
-        (["--json", "."], "is a folder"),
-        (["--checkpoint", "/no/such/run"], "does not exist"),
-    ],
-)
-def test_evaluate_cli_refuses_bad_input_in_one_line(flags, message):
-    proc = _cli("ppo.evaluate", *flags)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert message in proc.stderr
-
-
-@pytest.mark.parametrize(
     ("module", "flags", "message"),
     [
+        ("ppo.evaluate", ["--batch-size", "0"], "--batch-size must be >= 1"),
+        ("ppo.evaluate", ["--limit", "-1"], "--limit must be >= 0"),
+        ("ppo.evaluate", ["--json", "."], "is a folder"),
+        ("ppo.evaluate", ["--checkpoint", "/no/such/run"], "does not exist"),
         ("ppo.plot", ["/no/such/run"], "does not exist"),
         ("mcp_mock", ["--http", "--port", "99999"], "--port must be between 1 and 65535"),
         *([] if torch.cuda.is_available() else [("ppo.bench", ["--gpu-only"], "no CUDA device")]),
     ],
 )
-def test_other_commands_refuse_bad_input_in_one_line(module, flags, message):
+def test_command_lines_refuse_bad_input_in_one_line(module, flags, message):
     proc = _cli(module, *flags)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr
