@@ -28,6 +28,11 @@ CALL_FORMAT_HINT = 'write {"name": ..., "arguments": {...}}'
 _MAX_ERROR_SNIPPET = 80
 
 
+def call_text(name: str, arguments: dict[str, Any]) -> str:
+    """One call written in the format ``parse_turn`` reads (what an oracle call looks like as a turn)."""
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
+
+
 @dataclass
 class ParsedCall:
     """One ``<tool_call>`` block: a valid call (``error`` is None) or the reason it is invalid JSON."""

@@ -52,11 +52,31 @@ def load_tasks(source: TaskSource = None) -> list[dict[str, Any]]:
 
 def _load_jsonl(path: Path) -> list[dict[str, Any]]:
     """Read one task per non-blank line; errors say ``<file> line N: ...``."""
+    tasks, places = [], []
+    for place, task, error in task_lines(path):
+        if error is not None:
+            raise error
+        tasks.append(task)
+        places.append(place)
+    if not tasks:
+        raise TaskError(f"task file {str(path)!r} holds no tasks")
+    _check_unique(tasks, places)
+    return tasks
+
+
+def task_lines(path: str | Path) -> list[tuple[str, dict[str, Any] | None, TaskError | None]]:
+    """Every non-blank line of a task file as ``(place, task, None)`` or ``(place, None, error)``.
+
+    ``load_tasks`` stops at the first bad line; a checker (``python -m ppo.tasks check``) reports them all.
+    Duplicate ids are not checked here (see ``duplicate_ids``).
+    """
+    path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise TaskError(f"cannot read task file {str(path)!r}: {exc.strerror or exc}") from None
-    tasks, places = [], []
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise TaskError(f"cannot read task file {str(path)!r}: {reason}") from None
+    out: list[tuple[str, dict[str, Any] | None, TaskError | None]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -64,13 +84,25 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             task = json.loads(line)
         except (ValueError, RecursionError) as exc:
-            raise TaskError(f"{place}: not valid JSON: {exc}") from None
-        tasks.append(_validated(task, place))
-        places.append(place)
-    if not tasks:
-        raise TaskError(f"task file {str(path)!r} holds no tasks")
-    _check_unique(tasks, places)
-    return tasks
+            out.append((place, None, TaskError(f"{place}: not valid JSON: {exc}")))
+            continue
+        try:
+            out.append((place, _validated(task, place), None))
+        except TaskError as exc:
+            out.append((place, None, exc))
+    return out
+
+
+def duplicate_ids(tasks: Sequence[dict[str, Any]], places: Sequence[str]) -> list[str]:
+    """One message per task whose id an earlier task already uses."""
+    seen: dict[str, str] = {}
+    problems = []
+    for task, place in zip(tasks, places, strict=True):
+        if task["id"] in seen:
+            problems.append(f"{place}: duplicate task id {task['id']!r} (first at {seen[task['id']]})")
+        else:
+            seen[task["id"]] = place
+    return problems
 
 
 def _validated(task: Any, place: str) -> dict[str, Any]:
@@ -143,11 +175,9 @@ def _check_oracle(oracle: Any, place: str) -> None:
 
 def _check_unique(tasks: list[dict[str, Any]], places: list[str]) -> None:
     """Task ids pick tasks, so they must be unique."""
-    seen: dict[str, str] = {}
-    for task, place in zip(tasks, places, strict=True):
-        if task["id"] in seen:
-            raise TaskError(f"{place}: duplicate task id {task['id']!r} (first at {seen[task['id']]})")
-        seen[task["id"]] = place
+    problems = duplicate_ids(tasks, places)
+    if problems:
+        raise TaskError(problems[0])
 
 
 def _is_text_or_texts(value: Any) -> bool:

@@ -57,6 +57,9 @@ class Config:
     """turn limit of an episode (a task's own max_turns wins)"""
     call_timeout: float = 10.0
     """seconds a tool call may take before it counts as a tool_error"""
+    check_tasks: bool = False
+    """before training, check the tasks against the server and replay their oracles (python -m ppo.tasks check);
+    stop if any task is broken or its oracle fails"""
 
     # --- rollouts ------------------------------------------------------------------------------------
     num_episodes: int = 64

@@ -188,11 +188,33 @@ def _whiten(advantages: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor
     return core.masked_whiten(advantages, action_mask)
 
 
+def check_task_suite(cfg: Config) -> None:
+    """``--check-tasks``: replay every oracle on the server first; a broken suite stops the run (TaskError), with
+    every bad line counted, not only the first."""
+    import mcp_mock
+    from env import TaskError
+    from ppo.tasks import describe, failures, run_check
+
+    source = cfg.tasks or list(mcp_mock.load_tasks("train"))
+    reports = run_check(source, cfg.mcp_server, max_turns=cfg.max_turns, call_timeout=cfg.call_timeout)
+    bad = failures(reports)
+    if bad:
+        shown = "; ".join(describe(r) for r in bad[:3])
+        raise TaskError(
+            f"--check-tasks: {len(bad)} of {len(reports)} tasks fail the check ({shown}"
+            + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+            + f"). See them all with: python -m ppo.tasks check {cfg.tasks or 'TASKS'}"
+        )
+    print(f"check-tasks: all {len(reports)} tasks pass", flush=True)
+
+
 def main(cfg: Config) -> dict:
     """Train; returns the metrics of the last iteration. Under torchrun, every rank runs this."""
     rank, world = dist.init()
     cfg, output_dir, resume_from = _prepare_run(cfg)
     seed_everything(cfg.seed + rank)
+    if cfg.check_tasks and dist.is_main():
+        check_task_suite(cfg)
     tasks = resolve_tasks(cfg.tasks, split="train")  # before the model: a bad task file fails in a second
     actor_critic = load_policy(cfg, device=dist.local_device())
     dist.broadcast_parameters(actor_critic.policy_parameters() + actor_critic.critic_parameters())
@@ -368,7 +390,7 @@ def _light(episodes: list) -> list:
 # (model, tasks, PPO settings, seed) is part of what is being continued, so a flag changing it is refused.
 RESUMABLE = (
     "iterations", "save_every", "log_samples_every", "eval_every", "eval_episodes", "eval_tasks",
-    "mcp_server", "call_timeout", "device",
+    "mcp_server", "call_timeout", "device", "check_tasks",
 )  # fmt: skip
 _NOT_SETTINGS = ("resume", "overwrite", "output_dir", "preset")
 RUN_FILES = {"config.json", "metrics.jsonl", "checkpoints", "tensorboard"}  # what marks a folder as a run

@@ -30,12 +30,10 @@ from pathlib import Path
 
 import torch
 
+from env.parsing import call_text
+
 MISTAKES = ("invalid_json", "invented_tool", "wrong_type")
 WARMSTART_VERSION = "w3"
-
-
-def call_text(name: str, arguments: dict) -> str:
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
 
 
 def mistaken_call(call: dict, kind: str, tools: dict[str, dict], rng: random.Random) -> str | None:
@@ -70,22 +68,21 @@ def demonstration(
     Returns [(assistant_text, tool_messages_after_it), ...] and the first observation's info, or None when the
     oracle does not reach success (a broken task is skipped, not imitated).
     """
-    _obs, info = env.reset(options={"task_id": task["id"]})
-    tools = {t["function"]["name"]: t["function"] for t in info["tools"]}
+    from env.check import play_turns
+
     turns = [call_text(c["name"], c.get("arguments", {})) for c in task.get("oracle", [])]
     if not turns:
         return None
     if mistake is not None:
-        bad = mistaken_call(task["oracle"][0], mistake, tools, rng)
+        bad = mistaken_call(
+            task["oracle"][0], mistake, {t["function"]["name"]: t["function"] for t in env.tools}, rng
+        )
         if bad is not None:
             turns.insert(0, bad)
-    played = []
-    for text in turns:
-        _obs, _reward, terminated, truncated, step_info = env.step(text)
-        played.append((text, step_info.get("tool_messages", [])))
-        if terminated or truncated:
-            return (played, info) if step_info["status"] == "success" else None
-    return None
+    played, info = play_turns(env, task["id"], turns)
+    if not played or played[-1][1]["status"] != "success":
+        return None
+    return [(text, step.get("tool_messages", [])) for text, step in played], info
 
 
 def encode_with_cuts(chat, text: str, cut_rate: float, rng: random.Random) -> list[int]:
