@@ -17,7 +17,7 @@ from env.client import EPISODE_META_KEY, Bridge, MCPConnection, resolve_server, 
 from env.parsing import ParsedCall, parse_turn
 from env.rewards import RewardConfig, worst_status
 from env.schema import argument_error, make_validator, openai_tool
-from env.tasks import TaskSource, load_tasks
+from env.tasks import TaskError, TaskSource, load_tasks
 from env.verify import answer_matches, call_matches, has_call_conditions, probe_matches
 
 MAX_TEXT_LENGTH = 1 << 20  # characters; a turn or an observation longer than this is not a real one
@@ -173,6 +173,18 @@ class MCPGymEnv(gym.Env[str, str]):
             except BaseException:
                 self.close()
                 raise
+
+    def add_tasks(self, tasks: TaskSource) -> list[dict[str, Any]]:
+        """Validate ``tasks`` and make them playable by id (``reset(options={"task_id": ...})``); returns them.
+
+        An id this env already has is refused (``TaskError``), as in a task file."""
+        added = load_tasks(tasks)
+        taken = [t["id"] for t in added if t["id"] in self._tasks_by_id]
+        if taken:
+            raise TaskError(f"task id {taken[0]!r} is already one of this env's tasks")
+        self.tasks = [*self.tasks, *added]
+        self._tasks_by_id.update((t["id"], t) for t in added)
+        return added
 
     @property
     def tools(self) -> list[dict[str, Any]]:

@@ -68,6 +68,13 @@ class EnvPool:
             self.close()
             raise
 
+    def add_tasks(self, tasks: TaskSource) -> None:
+        """Make ``tasks`` playable by id on every env of the pool (see ``MCPGymEnv.add_tasks``)."""
+        added = load_tasks(tasks)
+        for env in self.envs:
+            env.add_tasks(added)
+        self.tasks = [*self.tasks, *added]
+
     def __len__(self) -> int:
         return len(self.envs)
 

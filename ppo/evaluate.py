@@ -11,13 +11,12 @@ Without ``--checkpoint`` the starting policy is evaluated (for the tiny preset: 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from ppo.config import PRESETS, Config, from_dict
+from ppo.config import Config
 from ppo.monitor import STATUSES, episode_metrics, per_category
 from ppo.rollout import ChatFormat, collect_rollouts
 
@@ -81,42 +80,16 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def _config_for(args) -> Config:
-    if args.checkpoint:
-        from ppo.checkpoint import latest_checkpoint, run_config
-
-        checkpoint = latest_checkpoint(args.checkpoint)
-        cfg = from_dict(run_config(checkpoint))
-        args.checkpoint = str(checkpoint)
-    else:
-        cfg = dataclasses.replace(PRESETS[args.preset])
-    for name in ("model", "mcp_server", "device"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    if args.max_new_tokens:
-        cfg.max_new_tokens = args.max_new_tokens
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> dict:
+    from ppo.setup import add_policy_arguments
+
     parser = argparse.ArgumentParser(prog="python -m ppo.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--checkpoint", help="a checkpoint folder or a run's output directory (its newest checkpoint)"
-    )
+    add_policy_arguments(parser)
     parser.add_argument(
         "--split", default="test", choices=["train", "val", "test"], help="mock server task split"
     )
     parser.add_argument("--tasks", help="JSONL task file to evaluate on instead of a mock split")
     parser.add_argument("--json", help="write the result as JSON to this path")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="without --checkpoint")
-    parser.add_argument("--model", help="base model name or path (default: the run's or the preset's)")
-    parser.add_argument(
-        "--mcp-server", dest="mcp_server", help="MCP server command or URL (default: the mock)"
-    )
-    parser.add_argument("--device", help="torch device")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=0, help="per-turn token limit (default: the config's)"
-    )
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N tasks (0: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="episodes played at once")
     args = parser.parse_args(argv)
@@ -139,8 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _evaluate_cli(args) -> dict:
-    cfg = _config_for(args)
-    from ppo.setup import load_policy, resolve_tasks
+    from ppo.setup import load_policy, policy_config, resolve_tasks
+
+    cfg = policy_config(args)
 
     tasks = resolve_tasks(args.tasks, split=args.split)
     if args.limit:

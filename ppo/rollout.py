@@ -21,6 +21,7 @@ time-limit artefact of an endless task.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,11 +178,13 @@ def collect_rollouts(
     temperature: float,
     engine: str = "static",
     cuda_graphs: bool = True,
+    on_turn: Callable[[int, Episode, str, dict], None] | None = None,
 ) -> RolloutBatch:
     """Play one episode per task id on the env pool, all episodes advancing one turn at a time together.
 
     ``engine`` samples the turns (see `ppo.engine`): built once for the rollout, so a turn feeds only the tokens
-    appended since the episode's previous turn.
+    appended since the episode's previous turn. ``on_turn(row, episode, text, info)``, when given, is called after
+    each turn is recorded, with the turn's text and the env's step info (``ppo.chat`` prints from it).
     """
     resets = pool.reset(task_ids=task_ids)
     episodes = []
@@ -221,6 +224,8 @@ def collect_rollouts(
             gen_tokens += sum(len(t) for t in turns)
             for i, turn in zip(active, turns, strict=True):
                 _record_turn(chat, episodes[i], turn, results[i])
+                if on_turn is not None:
+                    on_turn(i, episodes[i], chat.decode_turn(turn), results[i][4])
     finally:
         runner.close()
         model.train(was_training)

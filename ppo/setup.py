@@ -157,3 +157,45 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from ppo.checkpoint import CheckpointError, RunFolderError
 
     return (ModelLoadError, ServerStartError, TaskError, CheckpointError, RunFolderError, FileNotFoundError)
+
+
+def add_policy_arguments(parser) -> None:
+    """The flags ``policy_config`` reads, for the commands that play a policy."""
+    from ppo.config import PRESETS
+
+    parser.add_argument(
+        "--checkpoint", help="a checkpoint folder or a run's output directory (its newest checkpoint)"
+    )
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="without --checkpoint")
+    parser.add_argument("--model", help="base model name or path (default: the run's or the preset's)")
+    parser.add_argument(
+        "--mcp-server", dest="mcp_server", help="MCP server command or URL (default: the mock)"
+    )
+    parser.add_argument("--device", help="torch device")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=0, help="per-turn token limit (default: the config's)"
+    )
+
+
+def policy_config(args) -> Config:
+    """The config of a command that plays a policy (``ppo.evaluate``, ``ppo.chat``): the run's own config with
+    ``--checkpoint`` (``args.checkpoint`` becomes the checkpoint folder), else ``--preset``'s; ``--model``,
+    ``--mcp-server``, ``--device`` and ``--max-new-tokens`` override it when given."""
+    import dataclasses
+
+    from ppo.config import PRESETS, from_dict
+
+    if args.checkpoint:
+        from ppo.checkpoint import latest_checkpoint, run_config
+
+        checkpoint = latest_checkpoint(args.checkpoint)
+        cfg = from_dict(run_config(checkpoint))
+        args.checkpoint = str(checkpoint)
+    else:
+        cfg = dataclasses.replace(PRESETS[args.preset])
+    for name in ("model", "mcp_server", "device"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.max_new_tokens:
+        cfg.max_new_tokens = args.max_new_tokens
+    return cfg

@@ -221,3 +221,17 @@ def test_gymnasium_make_and_text_spaces():
 def test_package_exports():
     assert env.STATUSES == ("success", "tool_execution", "tool_error", "invalid_json", "structural_fail")
     assert callable(env.EnvPool) and issubclass(env.ServerStartError, RuntimeError)
+
+
+def test_added_tasks_play_by_id_and_a_taken_id_is_refused(mcp_env):
+    added = mcp_env.add_tasks(
+        [{"id": "add-7", "prompt": "Add 3 and 4.", "success": {"tool": "add", "result_number": 7}}]
+    )
+    assert [t["id"] for t in added] == ["add-7"] and len(mcp_env.tasks) == len(TASKS) + 1
+    start(mcp_env, "add-7")
+    _obs, reward, terminated, _truncated, info = mcp_env.step(call("add", a=3, b=4))
+    assert info["status"] == "success" and terminated and reward == 10.0
+    with pytest.raises(env.TaskError, match="'add' is already one of this env's tasks"):
+        mcp_env.add_tasks([{"id": "add", "prompt": "p", "success": {"tool": "add"}}])
+    with pytest.raises(env.TaskError, match="missing key 'prompt'"):
+        mcp_env.add_tasks([{"id": "x", "success": {"tool": "add"}}])
