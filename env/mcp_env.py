@@ -103,7 +103,7 @@ class MCPGymEnv(gym.Env[str, str]):
       command line string or list (stdio), or an ``http(s)://.../mcp`` URL (streamable HTTP).
     - ``tasks``: a JSONL path, a list of task dicts, or None (``mcp_mock``'s train split).
     - ``max_turns``: turn limit for tasks without their own ``max_turns``.
-    - ``reward``: a :class:`RewardConfig` (the DESIGN.md defaults when None).
+    - ``reward``: a :class:`RewardConfig` (the README's reward matrix when None).
     - ``call_timeout``: seconds a tool call may take before it is a ``tool_error``.
     - ``max_output_chars``: a longer tool output is cut in the middle with a marker.
     - ``max_calls_per_turn``: calls run per turn; more calls make the turn a ``structural_fail``.
@@ -169,7 +169,7 @@ class MCPGymEnv(gym.Env[str, str]):
         )
         if not lazy_connect:
             try:
-                self._bridge.call(self._aconnect)
+                self._bridge.call(self.aconnect)
             except BaseException:
                 self.close()
                 raise
@@ -190,21 +190,20 @@ class MCPGymEnv(gym.Env[str, str]):
     def tools(self) -> list[dict[str, Any]]:
         """The server's tools as OpenAI function schemas (a copy)."""
         if self._tools is None:
-            self._bridge.call(self._aconnect)
+            self._bridge.call(self.aconnect)
         return copy.deepcopy(self._tools)
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[str, dict[str, Any]]:
         """Start an episode on a task; returns the prompt and the info described in the class docstring."""
-        task = self._pick_task(seed, options)
-        self._bridge.call(self._astart_session)
-        return self._begin(task)
+        task = self.pick_task(seed, options)
+        return self._bridge.call(self.astart, task)
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
         """Run one assistant turn; see the class docstring for statuses, rewards and episode end."""
-        self._check_can_step(action)
-        return self._bridge.call(self._astep, action)
+        self.check_action(action)
+        return self._bridge.call(self.astep, action)
 
     def close(self) -> None:
         """Close the MCP session (and a stdio server process) and the event-loop thread."""
@@ -216,10 +215,12 @@ class MCPGymEnv(gym.Env[str, str]):
         finally:
             self._bridge.close()
 
-    # The pieces below are split sync/async so EnvPool can run many envs' sessions and calls at once.
+    # The public pieces below split reset and step into a synchronous part and a coroutine, so that EnvPool can
+    # run many envs' sessions and calls at once on one event loop. ``reset`` is ``pick_task`` + ``astart``;
+    # ``step`` is ``check_action`` + ``astep``.
 
-    def _pick_task(self, seed: int | None, options: dict[str, Any] | None) -> dict[str, Any]:
-        """Seed the RNG (gymnasium's contract) and choose the task."""
+    def pick_task(self, seed: int | None, options: dict[str, Any] | None) -> dict[str, Any]:
+        """Seed the RNG (gymnasium's contract) and choose the task: ``options["task_id"]``, else a random one."""
         super().reset(seed=seed)
         task_id = (options or {}).get("task_id")
         if task_id is None:
@@ -231,14 +232,24 @@ class MCPGymEnv(gym.Env[str, str]):
             )
         return self._tasks_by_id[task_id]
 
+    async def astart(self, task: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Start an episode of ``task`` (from ``pick_task``) on untouched server state; ``reset``'s return value."""
+        await self._astart_session()
+        return self._begin(task)
+
+    @property
+    def connection(self) -> MCPConnection:
+        """The MCP connection this env calls through (``EnvPool`` shares one among envs; see ``connection=``)."""
+        return self._connection
+
     def _begin(self, task: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Open the episode's chat with the task prompt."""
         self._episode = _Episode(task, int(task.get("max_turns", self.max_turns)))
         self._episode.messages.append({"role": "user", "content": task["prompt"]})
         return task["prompt"], self._info()
 
-    def _check_can_step(self, action: Any) -> None:
-        """Refuse misuse (not model text) with a clear error."""
+    def check_action(self, action: Any) -> None:
+        """Refuse misuse (not model text) with a clear error: no episode, an ended one, or a non-str action."""
         if self._episode is None:
             raise RuntimeError("step() called before reset(); call reset() to start an episode")
         if self._episode.done:
@@ -246,7 +257,7 @@ class MCPGymEnv(gym.Env[str, str]):
         if not isinstance(action, str):
             raise TypeError(f"step() takes the assistant turn as a str, got {type(action).__name__}")
 
-    async def _aconnect(self) -> None:
+    async def aconnect(self) -> None:
         """Open a session if none is open, and list the tools once per env."""
         if not self._connection.connected:
             await self._connection.open()
@@ -274,7 +285,7 @@ class MCPGymEnv(gym.Env[str, str]):
         """Give the episode untouched server state: a new episode key, or a new session (see ``isolation``)."""
         if self.fresh_session_per_episode or self.isolation == "fresh-session":
             await self._connection.close()
-        await self._aconnect()
+        await self.aconnect()
         isolation = self.isolation
         self._episode_key = uuid.uuid4().hex if isolation == "episode-key" else None
         if isolation == "none" and not self._warned_shared_state:
@@ -292,7 +303,7 @@ class MCPGymEnv(gym.Env[str, str]):
         """The ``_meta`` of this episode's tool calls."""
         return {EPISODE_META_KEY: self._episode_key} if self._episode_key else None
 
-    async def _astep(self, text: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+    async def astep(self, text: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
         """Parse the turn, run its calls, verify the task, and build the 5-tuple."""
         episode = self._episode
         assert episode is not None

@@ -11,7 +11,7 @@ parser uses, ``<tool_call>(.*?)</tool_call>|<tool_call>(.*)`` with DOTALL, so a 
 because generation stopped at the eos token is still parsed.
 
 A call must be a JSON object with a string ``name`` and an object ``arguments``. A missing
-``arguments`` key is invalid, as in vLLM's parser and DESIGN.md's reward table: the Qwen3 chat template
+``arguments`` key is invalid, as in vLLM's parser and the README's reward matrix: the Qwen3 chat template
 always renders ``"arguments": {}`` for a call without arguments, so the model has seen that form.
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, wait
 from typing import Any
@@ -45,14 +46,14 @@ class EnvPool:
         try:
             first = MCPGymEnv(server, self.tasks, portal=self._portal, lazy_connect=True, **env_kwargs)
             self.envs.append(first)
-            self._gather([first._aconnect])
+            self._gather([first.aconnect])
             share = (
                 share_stdio_server
                 and first.server.kind == "stdio"
                 and first.isolation == "episode-key"
                 and not env_kwargs.get("fresh_session_per_episode")
             )
-            connection = first._connection if share else None
+            connection = first.connection if share else None
             for _ in range(num_envs - 1):
                 env = MCPGymEnv(
                     server,
@@ -63,7 +64,7 @@ class EnvPool:
                     **env_kwargs,
                 )
                 self.envs.append(env)
-            self._gather([env._aconnect for env in self.envs[1:]])
+            self._gather([env.aconnect for env in self.envs[1:]])
         except BaseException:
             self.close()
             raise
@@ -92,9 +93,10 @@ class EnvPool:
         picked = []
         for i, env in enumerate(envs):
             options = None if task_ids is None else {"task_id": task_ids[i]}
-            picked.append(env._pick_task(None if seed is None else seed + i, options))
-        self._gather([env._astart_session for env in envs])
-        return [env._begin(task) for env, task in zip(envs, picked, strict=True)]
+            picked.append(env.pick_task(None if seed is None else seed + i, options))
+        return self._gather(
+            [functools.partial(env.astart, task) for env, task in zip(envs, picked, strict=True)]
+        )
 
     def step(self, texts: Sequence[str | None]) -> list[StepResult | None]:
         """Step env i with ``texts[i]`` concurrently; a None text (or none at all) leaves env i idle."""
@@ -102,8 +104,8 @@ class EnvPool:
             raise ValueError(f"step() got {len(texts)} texts for {len(self.envs)} envs")
         active = [(env, text) for env, text in zip(self.envs, texts, strict=False) if text is not None]
         for env, text in active:
-            env._check_can_step(text)
-        results = iter(self._gather([_bind(env._astep, text) for env, text in active]))
+            env.check_action(text)
+        results = iter(self._gather([functools.partial(env.astep, text) for env, text in active]))
         return [None if text is None else next(results) for text in texts]
 
     def submit(self, i: int, text: str) -> Future[StepResult]:
@@ -111,8 +113,8 @@ class EnvPool:
         future's. The rollout submits each episode's turn as soon as it is sampled, so tool calls run while the
         other episodes are still generating. Collect with `results`."""
         env = self.envs[i]
-        env._check_can_step(text)
-        return self._portal.start_task_soon(env._astep, text)
+        env.check_action(text)
+        return self._portal.start_task_soon(env.astep, text)
 
     @staticmethod
     def results(futures: Sequence[Future[StepResult]]) -> list[StepResult]:
@@ -158,10 +160,3 @@ class EnvPool:
             return results
 
         return self._portal.call(run_all)
-
-
-def _bind(fn: Callable[[str], Awaitable[Any]], text: str) -> Callable[[], Awaitable[Any]]:
-    async def job() -> Any:
-        return await fn(text)
-
-    return job

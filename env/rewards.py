@@ -1,4 +1,4 @@
-"""The reward matrix of DESIGN.md: five turn statuses and what each one pays."""
+"""The reward matrix (README, "Reward matrix"): five turn statuses and what each one pays."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ _SEVERITY = {"tool_execution": 0, "tool_error": 1, "invalid_json": 2, "structura
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Reward paid for a turn of each status (DESIGN.md, "Reward matrix")."""
+    """Reward paid for a turn of each status (README, "Reward matrix")."""
 
     success: float = 10.0
     """The turn completes the task."""

@@ -1,6 +1,6 @@
 """Task loading and validation: JSONL files or lists of dicts, with errors that name the line.
 
-A task is one JSON object a line (DESIGN.md, "Task")::
+A task is one JSON object a line (the README, "Training on your own MCP server")::
 
     {"id": "math-017", "prompt": "What is 17*23+5? Use the calculator.",
      "success": {"tool": "calculator", "result_contains": "396"}, "max_turns": 4,

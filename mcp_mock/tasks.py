@@ -1,4 +1,4 @@
-"""Reading the bundled task suites (JSONL, one task per line, in the DESIGN.md task format)."""
+"""Reading the bundled task suites (JSONL, one task per line, in the task format of env.tasks)."""
 
 from __future__ import annotations
 

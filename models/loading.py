@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from models.actor_critic import CRITIC, POLICY, SETTINGS_FILE, ActorCritic
-from models.tiny import ensure_tiny
 
 
 class ModelLoadError(RuntimeError):
     """The model or its tokenizer could not be found or loaded."""
-
-
-PRESET_MODELS: dict[str, str | Callable[[], Path]] = {
-    "tiny": ensure_tiny,
-    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
-}
-
-
-def resolve_model(name_or_preset: str) -> str:
-    """Map a preset name ("tiny", "qwen3-1.7b") to a path or hub id; anything else is returned as is."""
-    target = PRESET_MODELS.get(name_or_preset.lower(), name_or_preset)
-    return str(target() if callable(target) else target)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -123,7 +109,7 @@ def load_actor_critic(
     dtype: torch.dtype | None = None,
     adapters: str | Path | None = None,
 ) -> ActorCritic:
-    """Load `name_or_path` (a preset, local folder or hub id) as one base shared by policy, critic and
+    """Load `name_or_path` (a local folder or hub id) as one base shared by policy, critic and
     reference. `adapters` optionally names a folder written by `ActorCritic.save_pretrained` to load."""
     from transformers import AutoTokenizer
 
@@ -132,7 +118,7 @@ def load_actor_critic(
     if critic not in ("separate", "shared"):
         raise ValueError(f'critic must be "separate" or "shared", got {critic!r}.')
     device, dtype = _device_and_dtype(device, dtype)
-    path = resolve_model(name_or_path)
+    path = str(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         base = _load_base(path, quantization, device, dtype)

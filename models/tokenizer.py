@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer of the tiny preset, trained locally on the project's own text.
+"""Byte-level BPE tokenizer of the tiny preset, trained locally on texts the caller gives.
 
 The tokenizer mimics Qwen3's where it matters to the rest of the library: ByteLevel (any text encodes),
 digits split one per token, ChatML special tokens, pad (`<|endoftext|>`) distinct from eos (`<|im_end|>`),
@@ -7,12 +7,9 @@ and a chat template that renders tools and tool calls the way Qwen3's does.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-from models.corpus import collect_corpus
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "tiny_chat.jinja"
 
@@ -78,16 +75,14 @@ def _raw_bpe(texts: Iterable[str], vocab_size: int):
     return tok
 
 
-def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 4096):
-    """Train the tiny preset's tokenizer and wrap it as a transformers fast tokenizer.
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
+    """Train the tiny preset's tokenizer on ``texts`` and wrap it as a transformers fast tokenizer.
 
-    `texts` defaults to `collect_corpus(render_chat)`: the project's tasks, data files, tool schemas
-    and rendered chats (or a small built-in text when those are absent).
+    Which texts is the recipe's choice (``ppo.tiny.corpus``: the train tasks rendered through the chat template).
     """
     from transformers import PreTrainedTokenizerFast
 
-    corpus = list(texts) if texts is not None else collect_corpus(render_chat)
-    raw = _raw_bpe(corpus, vocab_size)
+    raw = _raw_bpe(list(texts), vocab_size)
     # Left padding: generation appends on the right, so every prompt must end at the same column.
     return PreTrainedTokenizerFast(
         tokenizer_object=raw,
@@ -98,9 +93,3 @@ def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 4096):
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
     )
-
-
-def tool_call_text(name: str, arguments: dict) -> str:
-    """Return one Hermes-style tool call block as the model is expected to write it."""
-    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-    return f"<tool_call>\n{call}\n</tool_call>"

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _chat(args) -> int:
     from env import EnvPool
-    from ppo.setup import load_policy, policy_config, resolve_tasks
+    from ppo.setup import load_policy, policy_config
+    from ppo.tasks import resolve_tasks
 
     cfg = policy_config(args)
     max_turns = args.max_turns or cfg.max_turns

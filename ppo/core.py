@@ -19,6 +19,7 @@ Stats dictionaries hold python floats, ready for logging.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -97,14 +98,28 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce: Callable[[list[float]], list[float]] | None = None,
+) -> Tensor:
     """Normalise ``x`` to mean 0 and variance 1 over the entries where ``mask`` is set; masked entries are 0.
 
     With ``shift_mean=False`` the mean is added back (only the scale changes), as for advantages in some
-    implementations that keep their sign. The variance is the unbiased one.
+    implementations that keep their sign. The variance is the unbiased one. ``reduce`` sums a list of floats
+    over every process (``ppo.distributed.all_sum``): the mean and variance are then those of all processes'
+    entries together, computed in two passes as in one process.
     """
     m = _as_bool(mask)
-    mean, var = masked_mean(x, m), masked_var(x, m)
+    if reduce is None:
+        mean, var = masked_mean(x, m), masked_var(x, m)
+    else:
+        count, total = reduce([float(m.sum()), float(masked_sum(x, m))])
+        mean = torch.tensor(total / max(count, 1.0), dtype=x.dtype, device=x.device)
+        (squares,) = reduce([float(masked_sum((x - mean) ** 2, m))])
+        var = torch.tensor(squares / max(count - 1.0, 1.0), dtype=x.dtype, device=x.device)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

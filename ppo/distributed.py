@@ -102,17 +102,6 @@ def broadcast_parameters(params: list[torch.Tensor]) -> None:
             dist.broadcast(p.data, src=0)
 
 
-def masked_whiten_global(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten ``x`` (B, T) over the action tokens of ALL ranks; 0 at masked positions."""
-    mask = mask.to(x.dtype)
-    n, s, ss = all_sum([float(mask.sum()), float((x * mask).sum()), float((x * x * mask).sum())])
-    mean = s / max(n, 1.0)
-    var = max(ss / max(n, 1.0) - mean * mean, 0.0) * (
-        n / max(n - 1.0, 1.0)
-    )  # unbiased, as core.masked_whiten
-    return (x - mean) * torch.rsqrt(torch.tensor(var + eps, dtype=x.dtype)) * mask
-
-
 def barrier() -> None:
     if active():
         dist.barrier()
@@ -121,3 +110,26 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def once_per_node(build, cached, poll_seconds: float = 2.0):
+    """``build()`` on local rank 0; on the other ranks, wait until ``cached()`` returns a path.
+
+    A rank 0 that fails ends the job (torchrun stops every worker when one exits with an error), so the wait
+    needs no collective and no timeout, however long the build takes.
+    """
+    import os
+    import time
+
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        return build()
+    path, said = cached(), False
+    while path is None:
+        if not said:
+            print(
+                f"rank {os.environ.get('RANK', '?')}: waiting for local rank 0 to build the model", flush=True
+            )
+            said = True
+        time.sleep(poll_seconds)
+        path = cached()
+    return path

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _evaluate_cli(args) -> dict:
-    from ppo.setup import load_policy, policy_config, resolve_tasks
+    from ppo.setup import load_policy, policy_config
+    from ppo.tasks import resolve_tasks
 
     cfg = policy_config(args)
 

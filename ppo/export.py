@@ -178,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(args, out: Path) -> None:
     from ppo.checkpoint import write_folder_atomically
-    from ppo.setup import load_policy, policy_config, resolve_model_path
+    from ppo.setup import load_policy, policy_config, prepare_model
 
     args.preset, args.mcp_server, args.device, args.max_new_tokens = "tiny", None, "cpu", 0
     cfg = policy_config(args)
     checkpoint = Path(args.checkpoint)
-    base_model = resolve_model_path(cfg)
+    base_model = prepare_model(cfg)
     if not args.adapter_only:
-        actor_critic = load_policy(cfg, adapters=checkpoint, device="cpu")
+        actor_critic = load_policy(cfg, adapters=checkpoint, device="cpu", model_path=base_model)
 
     def write(folder: Path) -> None:
         if args.adapter_only:

@@ -2,7 +2,7 @@
 
 Letters: B episodes (rows), T token positions.
 
-Token in, token out (DESIGN.md): an episode is one growing list of token ids. The prompt is rendered once with
+Token in, token out: an episode is one growing list of token ids. The prompt is rendered once with
 the chat template; each assistant turn appends exactly the ids the policy sampled (never re-tokenized text); each
 tool-response turn appends the template's own suffix ids for those tool messages. So the tensors the update
 scores are, token for token, what the policy saw and wrote. Qwen3's template drops earlier ``<think>`` blocks
@@ -122,6 +122,18 @@ class Episode:
         self.ids += ids
         self.action_mask += [int(is_action)] * len(ids)
         self.scores += [0.0] * len(ids)
+
+    def add_turn(self, chat: ChatFormat, turn: list[int], tool_messages: list[dict] | None) -> None:
+        """Append an assistant turn's ids (actions) and, when the episode goes on (``tool_messages`` is not None),
+        the template's tool-response suffix (not actions). The one place an episode's token layout is written:
+        rollouts and the warm start's demonstrations both use it."""
+        self.extend(turn, is_action=True)
+        if tool_messages is None:
+            return
+        suffix = chat.suffix_ids(tool_messages)
+        if turn[-1] != chat.end_of_turn_id:  # the turn ran out of tokens: close it as the template would have
+            suffix = [chat.end_of_turn_id, *suffix]
+        self.extend(suffix, is_action=False)
 
     @property
     def episodic_return(self) -> float:
@@ -278,17 +290,14 @@ def _record_turn(chat: ChatFormat, episode: Episode, turn: list[int], result: tu
     _obs, reward, terminated, truncated, info = result
     if not turn:
         raise ValueError("the sampler returned an empty turn; max_new_tokens must be at least 1")
-    episode.extend(turn, is_action=True)
-    episode.scores[-1] += float(reward)
+    ended = bool(terminated or truncated)
+    last_action = len(episode.ids) + len(turn) - 1  # the turn's reward sits on its last sampled token
+    episode.add_turn(chat, turn, None if ended else info.get("tool_messages", []))
+    episode.scores[last_action] += float(reward)
     episode.rewards.append(float(reward))
     episode.statuses.append(info["status"])
     episode.messages = info["messages"]
     if info["status"] == "success":
         episode.success = True
-    if terminated or truncated:
+    if ended:
         episode.terminated, episode.truncated, episode.done = bool(terminated), bool(truncated), True
-        return
-    suffix = chat.suffix_ids(info.get("tool_messages", []))
-    if turn[-1] != chat.end_of_turn_id:  # the turn ran out of tokens: close it as the template would have
-        suffix = [chat.end_of_turn_id, *suffix]
-    episode.extend(suffix, is_action=False)

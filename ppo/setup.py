@@ -10,74 +10,35 @@ import torch
 from ppo.config import Config
 
 
-def resolve_model_path(cfg: Config) -> str:
-    """The model to load: ``--model`` when given, else the preset's (tiny: built locally and warm-started).
-
-    Under torchrun the tiny build runs once per node: local rank 0 builds the cache while the node's other
-    ranks wait for it to appear and then load it (each building it too would take as long again on shared
-    cores, and two writers of one cache folder corrupt it).
-    """
+def prepare_model(cfg: Config) -> str:
+    """The model folder or hub id to load: ``--model`` when given, else the preset's. For the tiny preset this is a
+    visible step of its own: the model is built locally and warm-started (``ppo.tiny.prepare``; cached, minutes
+    the first time)."""
     if cfg.model:
         return cfg.model
     if cfg.preset == "tiny":
-        return str(_once_per_node(lambda: _build_tiny(cfg), lambda: _cached_tiny(cfg)))
+        from ppo import tiny
+
+        return str(tiny.prepare(cfg))
     from ppo.config import PRESETS
 
     return str(PRESETS[cfg.preset].model)
-
-
-def _build_tiny(cfg: Config) -> Path:
-    """The tiny preset's model folder (warm-started unless ``--no-warmstart``), built when not cached."""
-    from models.tiny import ensure_tiny
-    from ppo.warmstart import ensure_warm_start
-
-    path = ensure_tiny()
-    return ensure_warm_start(path, cfg) if cfg.warmstart else path
-
-
-def _cached_tiny(cfg: Config) -> Path | None:
-    """The folder ``_build_tiny`` returns, once it is cached; None before."""
-    from models.tiny import default_cache_dir
-    from ppo.warmstart import warm_start_dir
-
-    base = default_cache_dir()
-    path = warm_start_dir(base, cfg) if cfg.warmstart else base
-    return path if (base / "config.json").is_file() and (path / "config.json").is_file() else None
-
-
-def _once_per_node(build, cached, poll_seconds: float = 2.0):
-    """``build()`` on local rank 0; on the other ranks, wait until ``cached()`` returns a path.
-
-    A rank 0 that fails ends the job (torchrun stops every worker when one exits with an error), so the wait
-    needs no collective and no timeout, however long the build takes.
-    """
-    import os
-    import time
-
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        return build()
-    path, said = cached(), False
-    while path is None:
-        if not said:
-            print(
-                f"rank {os.environ.get('RANK', '?')}: waiting for local rank 0 to build the model", flush=True
-            )
-            said = True
-        time.sleep(poll_seconds)
-        path = cached()
-    return path
 
 
 def default_device(cfg: Config) -> str:
     return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_policy(cfg: Config, adapters: str | Path | None = None, device: str | None = None):
-    """The ActorCritic of the run: one base (NF4 or full precision) with policy and critic adapters."""
+def load_policy(
+    cfg: Config, adapters: str | Path | None = None, device: str | None = None, model_path: str | None = None
+):
+    """The ActorCritic of the run: one base (NF4 or full precision) with policy and critic adapters.
+
+    ``model_path`` is what ``prepare_model(cfg)`` returned (called here when not given)."""
     from models import load_actor_critic
 
     actor_critic = load_actor_critic(
-        resolve_model_path(cfg),
+        model_path or prepare_model(cfg),
         quantization=cfg.quantization,
         lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -124,17 +85,6 @@ def lr_factor(cfg: Config, iteration: int) -> float:
 
 def build_scheduler(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
-
-
-def resolve_tasks(path: str | None, split: str) -> list[dict]:
-    """Tasks from a JSONL file (line-numbered errors), or the bundled mock server's split."""
-    from env.tasks import load_tasks
-
-    if path:
-        return load_tasks(path)
-    import mcp_mock
-
-    return load_tasks(mcp_mock.load_tasks(split))
 
 
 def make_env_pool(cfg: Config, tasks: list[dict], size: int | None = None):

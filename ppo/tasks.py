@@ -20,6 +20,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+def resolve_tasks(path: str | None, split: str) -> list[dict]:
+    """Tasks from a JSONL file (line-numbered errors), or the bundled mock server's split."""
+    from env.tasks import load_tasks
+
+    if path:
+        return load_tasks(path)
+    import mcp_mock
+
+    return load_tasks(mcp_mock.load_tasks(split))
+
+
 def run_check(tasks: str, server: str | None, *, max_turns: int, call_timeout: float, quiet: bool = False):
     """Check ``tasks`` (a JSONL path) on ``server``; returns the reports (a progress bar on stderr unless quiet)."""
     from env.check import check_tasks

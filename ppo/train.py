@@ -47,8 +47,9 @@ from ppo.setup import (
     input_errors,
     load_policy,
     make_env_pool,
-    resolve_tasks,
+    prepare_model,
 )
+from ppo.tasks import resolve_tasks
 
 
 def seed_everything(seed: int) -> None:
@@ -182,7 +183,7 @@ def compute_advantages(batch: RolloutBatch, data: dict, cfg: Config, kl_coef: fl
 def _whiten(advantages: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
     """Whiten over the batch's action tokens (over every rank's batch under torchrun)."""
     if dist.active():
-        return dist.masked_whiten_global(advantages, action_mask)
+        return core.masked_whiten(advantages, action_mask, reduce=dist.all_sum)
     if action_mask.sum() < 2:  # a batch of cut episodes has nothing to whiten
         return advantages
     return core.masked_whiten(advantages, action_mask)
@@ -216,7 +217,8 @@ def main(cfg: Config) -> dict:
     if cfg.check_tasks and dist.is_main():
         check_task_suite(cfg)
     tasks = resolve_tasks(cfg.tasks, split="train")  # before the model: a bad task file fails in a second
-    actor_critic = load_policy(cfg, device=dist.local_device())
+    model_path = prepare_model(cfg)  # tiny: built and warm-started here the first time (cached)
+    actor_critic = load_policy(cfg, device=dist.local_device(), model_path=model_path)
     dist.broadcast_parameters(actor_critic.policy_parameters() + actor_critic.critic_parameters())
     chat = ChatFormat(actor_critic.tokenizer)
     optimizer = build_optimizer(cfg, actor_critic)

@@ -27,8 +27,9 @@ SMALL_TINY = {
 def small_tiny_dir(tmp_path_factory):
     """A tiny-preset model folder (tokenizer trained on the project's text, random weights)."""
     from models import tiny
+    from ppo.tiny.corpus import tokenizer_texts
 
-    return tiny.build_tiny(tmp_path_factory.mktemp("small-tiny"), seed=0, **SMALL_TINY)
+    return tiny.build_tiny(tmp_path_factory.mktemp("small-tiny"), tokenizer_texts(), seed=0, **SMALL_TINY)
 
 
 def free_port() -> int:

@@ -32,7 +32,7 @@ def trained_run(small_tiny_dir, tmp_path_factory):
     from env import MCPGymEnv
     from env.parsing import call_text
     from ppo.rollout import ChatFormat
-    from ppo.warmstart import supervised_finetune, tokenize_demo
+    from ppo.tiny.warmstart import supervised_finetune, tokenize_demo
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(small_tiny_dir)

@@ -117,6 +117,33 @@ def test_masked_whiten_gives_mean_zero_variance_one_and_zero_off_mask():
     assert_close(kept[m].std(), torch.tensor(1.0))
 
 
+def test_masked_whiten_over_processes_matches_one_process_and_ignores_masked_garbage():
+    # Two "processes" holding half the rows each: ``reduce`` adds the other half's sums, as all_sum would.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 9, generator=gen) * 2 - 1
+    mask = random_mask(6, 9, gen)
+    halves = [(x[:3], mask[:3]), (x[3:], mask[3:])]
+    expected = masked_whiten(x, mask)
+    for k, (xk, mk) in enumerate(halves):
+        other_x, other_m = halves[1 - k]
+        calls = []
+
+        def reduce(values, other_x=other_x, other_m=other_m, calls=calls):
+            m = other_m.bool()
+            if not calls:  # count and sum
+                mine = [float(m.sum()), float(other_x[m].sum())]
+            else:  # squared deviations from the mean the first call gave
+                count, total = calls[0]
+                mine = [float(((other_x[m] - total / count) ** 2).sum())]
+            out = [a + b for a, b in zip(values, mine, strict=True)]
+            calls.append(out)
+            return out
+
+        got = masked_whiten(with_garbage(xk, mk), mk, reduce=reduce)
+        assert_close(got, expected[3 * k : 3 * k + 3], atol=1e-5, rtol=1e-5)
+        assert torch.all(got[~mk.bool()] == 0)
+
+
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="shape"):
         masked_mean(torch.zeros(2, 3), torch.ones(2, 4))

@@ -111,7 +111,7 @@ def test_a_pool_shares_one_stdio_server_that_isolates_and_its_episodes_stay_apar
     from env import EnvPool
 
     with EnvPool(4, [sys.executable, "-m", "mcp_mock"], TASKS, call_timeout=20) as pool:
-        assert len({id(env._connection) for env in pool.envs}) == 1  # one process serves the four envs
+        assert len({id(env.connection) for env in pool.envs}) == 1  # one process serves the four envs
         pool.reset(["free"] * 4)
         results = pool.step([call("execute_write", sql=INSERT), None, None, None])
         assert results[0][4]["status"] == "tool_execution"
@@ -126,4 +126,4 @@ def test_a_pool_gives_a_server_without_isolation_one_session_per_env():
     echo = str(Path(__file__).parent / "servers" / "echo_server.py")
     echo_tasks = [{"id": "echo", "prompt": "Echo hi.", "success": {"tool": "echo", "result_equals": "hi"}}]
     with EnvPool(2, [sys.executable, echo], echo_tasks) as pool:
-        assert len({id(env._connection) for env in pool.envs}) == 2
+        assert len({id(env.connection) for env in pool.envs}) == 2

@@ -38,7 +38,7 @@ def _tasks() -> list[dict]:
 def _indifferent_demos(chat, tasks: list[dict]) -> list[tuple[list[int], list[int]]]:
     """For every task, the same number of right calls (calculator) and invented ones (calc)."""
     from env import MCPGymEnv
-    from ppo.warmstart import call_text, tokenize_demo
+    from ppo.tiny.warmstart import call_text, tokenize_demo
 
     env = MCPGymEnv(tasks=tasks, max_turns=1)
     demos = []
@@ -59,7 +59,7 @@ def indifferent_model(small_tiny_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ppo.rollout import ChatFormat
-    from ppo.warmstart import supervised_finetune
+    from ppo.tiny.warmstart import supervised_finetune
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(small_tiny_dir)

@@ -275,7 +275,7 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
 def result_holds(cond: dict, text: str) -> bool:
-    """The result conditions of DESIGN.md's task format, checked on one call's text."""
+    """The result conditions of the task format (env.tasks), checked on one call's text."""
     checks = [
         "result_contains" not in cond or cond["result_contains"] in text,
         "result_equals" not in cond or text.strip() == cond["result_equals"],

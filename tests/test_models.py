@@ -35,7 +35,11 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    return tiny.build_tiny(tmp_path_factory.mktemp("tiny"), seed=0, vocab_size=1024, **SMALL)
+    from ppo.tiny.corpus import tokenizer_texts
+
+    return tiny.build_tiny(
+        tmp_path_factory.mktemp("tiny"), tokenizer_texts(), seed=0, vocab_size=1024, **SMALL
+    )
 
 
 def load(path, **kw):
@@ -370,20 +374,27 @@ def test_missing_model_raises_model_load_error(tmp_path):
         models.load_actor_critic(str(tmp_path), device="cpu")
 
 
-def test_resolve_model_presets(monkeypatch, tmp_path):
-    assert models.resolve_model("qwen3-1.7b") == "Qwen/Qwen3-1.7B"
-    assert models.resolve_model("some/other") == "some/other"
-    monkeypatch.setitem(models.PRESET_MODELS, "tiny", lambda: tmp_path)
-    assert models.resolve_model("tiny") == str(tmp_path)
+def test_presets_resolve_above_models(monkeypatch, tmp_path):
+    # models loads what it is given; the presets (and the tiny recipe) are ppo's.
+    import ppo.tiny
+    from ppo.config import Config
+    from ppo.setup import prepare_model
+
+    assert prepare_model(Config(preset="qwen3-1.7b")) == "Qwen/Qwen3-1.7B"
+    assert prepare_model(Config(model="some/other")) == "some/other"
+    monkeypatch.setattr(ppo.tiny, "prepare", lambda cfg: tmp_path)
+    assert prepare_model(Config()) == str(tmp_path)
 
 
 # ----- tiny cache ------------------------------------------------------------------------------------
 
 
 def test_ensure_tiny_builds_once_and_atomically(tmp_path, monkeypatch):
+    from ppo.tiny import build
+
     calls = []
 
-    def fake_build(out_dir, seed=0):
+    def fake_build(out_dir, texts, seed=0):
         calls.append(out_dir)
         (out_dir / "config.json").write_text("{}")
         if len(calls) == 1:
@@ -393,12 +404,12 @@ def test_ensure_tiny_builds_once_and_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny, "build_tiny", fake_build)
     target = tmp_path / "cache" / "tiny-x"
     with pytest.raises(RuntimeError):
-        tiny.ensure_tiny(target)
+        build.ensure_tiny(target)
     assert not target.exists() and list(target.parent.iterdir()) == []
-    assert tiny.ensure_tiny(target) == target and (target / "config.json").is_file()
-    assert tiny.ensure_tiny(target) == target and len(calls) == 2
+    assert build.ensure_tiny(target) == target and (target / "config.json").is_file()
+    assert build.ensure_tiny(target) == target and len(calls) == 2
     monkeypatch.setenv("QWEN_TOOL_CACHE", str(tmp_path))
-    assert tiny.default_cache_dir() == tmp_path / f"tiny-{tiny.TINY_VERSION}-{tiny.fingerprint()}"
+    assert build.default_cache_dir() == tmp_path / f"tiny-{build.TINY_VERSION}-{build.fingerprint()}"
 
 
 def test_position_ids_and_scored_positions_follow_left_padding():

@@ -15,7 +15,8 @@ from ppo import train
 from ppo.config import Config
 from ppo.generation import TurnSample
 from ppo.rollout import ChatFormat, collect_rollouts
-from ppo.setup import build_optimizer, load_policy, make_env_pool, resolve_tasks
+from ppo.setup import build_optimizer, load_policy, make_env_pool
+from ppo.tasks import resolve_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = [

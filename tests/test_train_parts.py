@@ -180,7 +180,7 @@ def test_segmentation_noise_keeps_the_text_and_is_exact_at_rate_zero(small_tiny_
     from transformers import AutoTokenizer
 
     from ppo.rollout import ChatFormat
-    from ppo.warmstart import call_text, encode_with_cuts, prompt_ids_with_cuts
+    from ppo.tiny.warmstart import call_text, encode_with_cuts, prompt_ids_with_cuts
 
     chat = ChatFormat(AutoTokenizer.from_pretrained(small_tiny_dir))
     text = call_text("web_search", {"query": "Saltmere Theatre"})
@@ -203,14 +203,14 @@ def test_segmentation_noise_keeps_the_text_and_is_exact_at_rate_zero(small_tiny_
 
 
 def test_only_local_rank_zero_builds_and_the_others_wait(monkeypatch):
-    from ppo.setup import _once_per_node
+    from ppo.distributed import once_per_node
 
     built, answers = [], [None, None, "cache/model"]
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert _once_per_node(lambda: built.append(1), lambda: answers.pop(0), poll_seconds=0) == "cache/model"
+    assert once_per_node(lambda: built.append(1), lambda: answers.pop(0), poll_seconds=0) == "cache/model"
     assert built == [] and answers == []
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert _once_per_node(lambda: "built", lambda: None) == "built"
+    assert once_per_node(lambda: "built", lambda: None) == "built"
 
 
 def test_periodic_eval_is_off_for_own_tasks_without_eval_tasks(capsys):

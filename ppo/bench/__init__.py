@@ -69,8 +69,9 @@ def cpu_model_section(
 def run_cpu(rec: Recorder, workdir: Path, quick: bool) -> None:
     """The tiny preset and the mid-size model on the CPU, the memory layouts of the mid-size model, and the bf16
     fidelity of the samplers."""
-    from models.tiny import build_tiny, ensure_tiny
+    from models.tiny import build_tiny
     from ppo.bench.gpu import bf16_fidelity
+    from ppo.tiny.build import ensure_tiny
 
     # Short prompts: the figure is decode throughput (a prompt's prefill costs the same batched or not).
     episodes, prompt, new_tokens = (4, 16, 8) if quick else (16, 32, 64)

@@ -129,18 +129,14 @@ def tokenize_demo(
 
     ``cut_rate`` > 0 spells the task text and the assistant turns with random extra BPE cuts (see the module).
     """
+    from ppo.rollout import Episode
+
     rng = rng or random.Random(0)
-    ids = prompt_ids_with_cuts(chat, info["messages"], info["tools"], cut_rate, rng)
-    mask = [0] * len(ids)
+    episode = Episode("", "", prompt_ids_with_cuts(chat, info["messages"], info["tools"], cut_rate, rng))
     for k, (text, tool_messages) in enumerate(played):
         turn = [*encode_with_cuts(chat, text, cut_rate, rng), chat.end_of_turn_id]
-        ids += turn
-        mask += [1] * len(turn)
-        if k + 1 < len(played):
-            suffix = chat.suffix_ids(tool_messages)
-            ids += suffix
-            mask += [0] * len(suffix)
-    return ids, mask
+        episode.add_turn(chat, turn, tool_messages if k + 1 < len(played) else None)
+    return episode.ids, episode.action_mask
 
 
 def build_demonstrations(
@@ -258,8 +254,9 @@ def warm_start_dir(base: str | Path, cfg) -> Path:
     return base.parent / f"{base.name}-warm-{warm_start_key(base, cfg)}"
 
 
-def ensure_warm_start(base: str | Path, cfg) -> Path:
-    """The warm-started copy of ``base`` for this config, built (atomically) when it is not cached yet."""
+def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
+    """The warm-started copy of ``base`` for this config, built (atomically) from ``tasks`` (the train tasks)
+    when it is not cached yet."""
     base = Path(base)
     out = warm_start_dir(base, cfg)
     if (out / "config.json").exists():
@@ -268,7 +265,6 @@ def ensure_warm_start(base: str | Path, cfg) -> Path:
 
     from ppo.checkpoint import write_folder_atomically
     from ppo.rollout import ChatFormat
-    from ppo.setup import resolve_tasks
 
     print(
         f"warm start: building {out} (supervised imitation of oracle solutions, "
@@ -280,7 +276,6 @@ def ensure_warm_start(base: str | Path, cfg) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     chat = ChatFormat(tokenizer)
-    tasks = resolve_tasks(cfg.tasks, "train")
     demos = build_demonstrations(
         chat,
         tasks[: cfg.sft_tasks] if cfg.sft_tasks else tasks,
