@@ -83,7 +83,7 @@ def play(actor_critic, cfg, pool, task: dict, *, temperature: float, out: TextIO
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ppo.setup import add_policy_arguments
+    from ppo.infra.setup import add_policy_arguments
 
     parser = argparse.ArgumentParser(prog="python -m ppo.chat", description=__doc__.splitlines()[0])
     add_policy_arguments(parser)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--temperature must be >= 0, not {args.temperature}")
     if args.tasks and not args.task:
         parser.error("--tasks goes with --task ID")
-    from ppo.setup import input_errors
+    from ppo.infra.setup import input_errors
 
     try:
         return _chat(args)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _chat(args) -> int:
     from env import EnvPool
-    from ppo.setup import load_policy, policy_config
+    from ppo.infra.setup import load_policy, policy_config
     from ppo.tasks import resolve_tasks
 
     cfg = policy_config(args)

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra = [a for a in args.train_args if a != "--"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from ppo.config import parse_args
+    from ppo.infra.config import parse_args
 
     iterations = args.iterations or parse_args(extra).iterations
     results = {}

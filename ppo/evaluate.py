@@ -16,14 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from ppo.config import Config
-from ppo.monitor import STATUSES, episode_metrics, per_category
+from ppo.infra.config import Config
+from ppo.infra.monitor import STATUSES, episode_metrics, per_category
 from ppo.rollout import ChatFormat, collect_rollouts
 
 
 def play_greedy(actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64) -> list:
     """Every task of ``tasks`` played once with greedy decoding; the episodes, in task order."""
-    from ppo.setup import make_env_pool
+    from ppo.infra.setup import make_env_pool
 
     chat = ChatFormat(actor_critic.tokenizer)
     episodes = []
@@ -81,7 +81,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ppo.setup import add_policy_arguments
+    from ppo.infra.setup import add_policy_arguments
 
     parser = argparse.ArgumentParser(prog="python -m ppo.evaluate", description=__doc__.splitlines()[0])
     add_policy_arguments(parser)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
     if args.json and Path(args.json).is_dir():
         parser.error(f"--json {args.json} is a folder; give a file path")
-    from ppo.setup import input_errors
+    from ppo.infra.setup import input_errors
 
     try:
         return _evaluate_cli(args)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _evaluate_cli(args) -> dict:
-    from ppo.setup import load_policy, policy_config
+    from ppo.infra.setup import load_policy, policy_config
     from ppo.tasks import resolve_tasks
 
     cfg = policy_config(args)

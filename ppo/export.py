@@ -4,7 +4,7 @@
     python -m ppo.export --checkpoint runs/tiny-... --out adapter/ --adapter-only
 
 The default writes a plain causal-LM folder: the 4-bit base the policy trained on, dequantized, with the policy's
-LoRA adapter merged into it (the same merge the rollout engine samples from, ``ppo.generation.merged_copy``), cast
+LoRA adapter merged into it (the same merge the rollout engine samples from, ``ppo.rollout.generation.merged_copy``), cast
 to ``--dtype`` (bf16 by default), plus the tokenizer with its chat template and the generation config.
 ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it with no code of this project, and a serving engine that
 reads Hugging Face folders serves it. The merge starts from the *dequantized* NF4 weights, not from the original
@@ -34,7 +34,7 @@ def export_merged(actor_critic, out: Path, dtype: str) -> None:
     """Write the policy (base dequantized, adapter merged) as a plain model folder with its tokenizer."""
     import torch
 
-    from ppo.generation import merged_copy
+    from ppo.rollout.generation import merged_copy
 
     with actor_critic.policy():
         model = merged_copy(actor_critic.model)  # a new plain model: its config has no quantization
@@ -69,7 +69,7 @@ def _save_tokenizer(actor_critic, out: Path) -> None:
 def model_card(cfg, checkpoint: Path, base_model: str, *, merged: bool, dtype: str, evals: list[Path]) -> str:
     """The README of an exported folder: what it is, how it was trained, how it scored."""
     from env import RewardConfig
-    from ppo.checkpoint import output_dir_of
+    from ppo.infra.checkpoint import output_dir_of
 
     run = output_dir_of(checkpoint)
     reward = dataclasses.asdict(RewardConfig())
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.eval:
         if not Path(path).is_file():
             parser.error(f"--eval {path} does not exist")
-    from ppo.setup import input_errors
+    from ppo.infra.setup import input_errors
 
     try:
         _export(args, out)
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args, out: Path) -> None:
-    from ppo.checkpoint import write_folder_atomically
-    from ppo.setup import load_policy, policy_config, prepare_model
+    from ppo.infra.checkpoint import write_folder_atomically
+    from ppo.infra.setup import load_policy, policy_config, prepare_model
 
     args.preset, args.mcp_server, args.device, args.max_new_tokens = "tiny", None, "cpu", 0
     cfg = policy_config(args)

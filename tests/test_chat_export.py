@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ppo import chat, export, train
-from ppo.config import Config
+from ppo.infra.config import Config
 
 EXPRESSIONS = ["2 + 3", "7 * 6", "9 - 4", "8 / 2"]
 ANSWERS = ["5", "42", "5", "4"]
@@ -97,9 +97,9 @@ def test_chat_refuses_an_unknown_task(trained_run, capsys):
 
 
 def _policy_greedy(run, prompts):
-    from ppo.checkpoint import latest_checkpoint, run_config
-    from ppo.config import from_dict
-    from ppo.setup import load_policy
+    from ppo.infra.checkpoint import latest_checkpoint, run_config
+    from ppo.infra.config import from_dict
+    from ppo.infra.setup import load_policy
 
     checkpoint = latest_checkpoint(run)
     actor_critic = load_policy(from_dict(run_config(checkpoint)), adapters=checkpoint, device="cpu")

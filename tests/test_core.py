@@ -1,4 +1,4 @@
-"""Tests of ppo.core: hand-computed values, a slow reference for GAE, masking invariances and gradients."""
+"""Tests of ppo.algo.core: hand-computed values, a slow reference for GAE, masking invariances and gradients."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from ppo.core import (
+from ppo.algo.core import (
     AdaptiveKLController,
     FixedKLController,
     center_per_group,
@@ -493,8 +493,8 @@ def test_entropy_is_stable_for_huge_and_banned_logits():
 
 
 def test_core_imports_torch_only():
-    # ppo.core is the pure math layer: loading it must not pull in models, envs or heavy libraries.
-    heavy = ("transformers", "peft", "mcp", "gymnasium", "bitsandbytes", "ppo.config", "env", "models")
-    code = f"import sys, ppo.core; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    # ppo.algo.core is the pure math layer: loading it must not pull in models, envs or heavy libraries.
+    heavy = ("transformers", "peft", "mcp", "gymnasium", "bitsandbytes", "ppo.infra.config", "env", "models")
+    code = f"import sys, ppo.algo.core; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

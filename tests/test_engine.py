@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppo.engine import LoopEngine, StaticEngine, make_engine, static_support
+from ppo.rollout.engine import LoopEngine, StaticEngine, make_engine, static_support
 from tests.test_generation import (
     CONTEXTS,
     PAD,
@@ -303,7 +303,7 @@ def test_other_architectures_fall_back_to_the_loop_engine():
         expected = [_reference_greedy(gpt2, c, 4) for c in CONTEXTS[:2]]
     got = engine.sample([0, 1], CONTEXTS[:2], max_new_tokens=4, temperature=0, end_of_turn_id=-1)
     assert got.tokens == expected
-    with pytest.raises(ValueError, match="static' or 'loop"):
+    with pytest.raises(ValueError, match="engine must be one of static, loop"):
         make_engine(gpt2, kind="vllm", rows=2, max_context=32, pad_id=PAD)
 
 

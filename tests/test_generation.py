@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.actor_critic import ActorCritic
-from ppo.generation import generate_turn, left_pad, merged_copy, sample_turn
+from ppo.rollout.generation import generate_turn, left_pad, merged_copy, sample_turn
 
 VOCAB = 64
 PAD = 0

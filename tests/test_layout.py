@@ -94,4 +94,4 @@ def test_the_walk_sees_imports():
     # A check that cannot fail is no check: the walk finds the edges the plan is about.
     graph = _graph()
     assert "env.mcp_env" in graph["env.pool"] and "models.loading" in graph["models"]
-    assert any(t.startswith("env") for t in graph["ppo.train"])
+    assert any(t.startswith("env") for t in graph["ppo.trainer.loop"])

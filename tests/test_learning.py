@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ppo import train
-from ppo.config import Config
+from ppo.infra.config import Config
 
 # Four calculator tasks, one turn each: the first call decides.
 EXPRESSIONS = ["2 + 3", "7 * 6", "9 - 4", "8 / 2"]

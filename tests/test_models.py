@@ -377,8 +377,8 @@ def test_missing_model_raises_model_load_error(tmp_path):
 def test_presets_resolve_above_models(monkeypatch, tmp_path):
     # models loads what it is given; the presets (and the tiny recipe) are ppo's.
     import ppo.tiny
-    from ppo.config import Config
-    from ppo.setup import prepare_model
+    from ppo.infra.config import Config
+    from ppo.infra.setup import prepare_model
 
     assert prepare_model(Config(preset="qwen3-1.7b")) == "Qwen/Qwen3-1.7B"
     assert prepare_model(Config(model="some/other")) == "some/other"

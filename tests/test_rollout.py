@@ -11,9 +11,9 @@ import torch
 from transformers import AutoTokenizer
 
 from env import EnvPool
-from ppo import rollout
-from ppo.generation import TurnSample
 from ppo.rollout import ChatFormat, collect_rollouts
+from ppo.rollout import episodes as rollout
+from ppo.rollout.generation import TurnSample
 
 TASKS = [
     {
@@ -50,7 +50,7 @@ class ScriptedPolicy:
         return contextlib.nullcontext(self)
 
     def make_engine(self, model, **_kw):
-        """Stands in for `ppo.engine.make_engine`: this object is the engine."""
+        """Stands in for `ppo.rollout.engine.make_engine`: this object is the engine."""
         return self
 
     def sample(self, rows, contexts, **_kw):

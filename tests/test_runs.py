@@ -1,6 +1,6 @@
 """Run folders and checkpoints as a careless or hostile user meets them: nothing lost, every error one line.
 
-Checkpoints here are written by hand in the layout of ``ppo.checkpoint`` (no model is trained), so each test
+Checkpoints here are written by hand in the layout of ``ppo.infra.checkpoint`` (no model is trained), so each test
 runs in well under a second; the trainer's own checkpoints are exercised by tests/test_train.py.
 """
 
@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from ppo import train
-from ppo.checkpoint import CheckpointError, RunFolderError, latest_checkpoint, run_config
-from ppo.config import Config, parse_args, to_dict
+from ppo.infra.checkpoint import CheckpointError, RunFolderError, latest_checkpoint, run_config
+from ppo.infra.config import Config, parse_args, to_dict
+from ppo.trainer import loop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,16 +113,16 @@ def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
 
 def test_overwrite_deletes_the_old_run_before_the_new_one_writes(run, monkeypatch):
     cfg = Config(output_dir=str(run), overwrite=True)
-    _, output_dir, resume = train._prepare_run(cfg)
+    _, output_dir, resume = loop._prepare_run(cfg)
     assert resume is None and (run / "checkpoints").is_dir()  # nothing is deleted before the run can start
-    train._open_run_folder(cfg, output_dir)
+    loop._open_run_folder(cfg, output_dir)
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]
     assert json.loads((run / "config.json").read_text())["overwrite"] is True
 
 
 def test_resume_applies_the_flags_that_may_change_and_refuses_the_others(run, capsys):
     cfg = parse_args(["--resume", str(run), "--iterations", "30", "--eval-every", "2"])
-    saved, output_dir, checkpoint = train._prepare_run(cfg)
+    saved, output_dir, checkpoint = loop._prepare_run(cfg)
     assert (saved.iterations, saved.eval_every, saved.learning_rate) == (30, 2, 3e-4)
     assert checkpoint.name == "iter_000002" and output_dir == run
     assert "resume: --iterations 30 (was 2)" in capsys.readouterr().out
@@ -132,10 +133,10 @@ def test_resume_applies_the_flags_that_may_change_and_refuses_the_others(run, ca
         (["--output-dir", str(run.parent / "elsewhere")], "--output-dir"),
     ):
         with pytest.raises(RunFolderError, match="would change it") as err:
-            train._prepare_run(parse_args(["--resume", str(run), *flags]))
+            loop._prepare_run(parse_args(["--resume", str(run), *flags]))
         assert named in str(err.value)
     # Written but equal to the run's value: nothing changes, nothing is refused.
-    saved, _, _ = train._prepare_run(parse_args(["--resume", str(run), "--learning-rate", "3e-4"]))
+    saved, _, _ = loop._prepare_run(parse_args(["--resume", str(run), "--learning-rate", "3e-4"]))
     assert saved.learning_rate == 3e-4
 
 

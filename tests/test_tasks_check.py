@@ -152,7 +152,7 @@ def test_bundled_suite_passes_over_stdio(tmp_path):
 def test_train_with_check_tasks_stops_before_the_model_loads(task_file, tmp_path):
     from env import TaskError
     from ppo import train
-    from ppo.config import Config
+    from ppo.infra.config import Config
 
     out = tmp_path / "run"
     with pytest.raises(

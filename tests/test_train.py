@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from ppo import train
-from ppo.config import Config
-from ppo.generation import TurnSample
+from ppo.infra.config import Config
+from ppo.infra.setup import build_optimizer, load_policy, make_env_pool
 from ppo.rollout import ChatFormat, collect_rollouts
-from ppo.setup import build_optimizer, load_policy, make_env_pool
+from ppo.rollout.generation import TurnSample
 from ppo.tasks import resolve_tasks
+from ppo.trainer import loop, update
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = [
@@ -117,7 +118,7 @@ def test_resume_continues_exactly(small_tiny_dir, tmp_path):
 
 def _scripted_batch(actor_critic, chat, monkeypatch):
     """A batch whose episodes hold tool output between two turns (a tool error, then a correct call)."""
-    from ppo import rollout
+    from ppo.rollout import episodes as rollout
 
     tasks = resolve_tasks(None, "train")[:2]
     bad = (
@@ -161,7 +162,7 @@ def test_first_minibatch_ratio_is_one_and_tool_output_gets_no_gradient(small_tin
         mask = e.action_mask
         first_end = mask.index(1) + mask[mask.index(1) :].index(0)
         assert 1 in mask[first_end:]
-    data = train.compute_advantages(batch, train.score_rollouts(actor_critic, batch, 2, 1.0), cfg, 0.05)
+    data = update.compute_advantages(batch, update.score_rollouts(actor_critic, batch, 2, 1.0), cfg, 0.05)
     captured = {}
     forward = actor_critic.forward_train
 
@@ -174,7 +175,7 @@ def test_first_minibatch_ratio_is_one_and_tool_output_gets_no_gradient(small_tin
 
     monkeypatch.setattr(actor_critic, "forward_train", spy)
     stats_seen, rows_seen = [], []
-    policy_loss, micro_step = train.core.policy_loss, train._micro_step
+    policy_loss, micro_step = update.core.policy_loss, update._micro_step
 
     def loss_spy(*args, **kwargs):
         loss, stats = policy_loss(*args, **kwargs)
@@ -185,10 +186,10 @@ def test_first_minibatch_ratio_is_one_and_tool_output_gets_no_gradient(small_tin
         rows_seen.append(rows)
         return micro_step(ac, b, d, rows, *args)
 
-    monkeypatch.setattr(train.core, "policy_loss", loss_spy)
-    monkeypatch.setattr(train, "_micro_step", micro_spy)
+    monkeypatch.setattr(update.core, "policy_loss", loss_spy)
+    monkeypatch.setattr(update, "_micro_step", micro_spy)
     optimizer = build_optimizer(cfg, actor_critic)
-    train.ppo_update(actor_critic, optimizer, batch, data, cfg, torch.Generator().manual_seed(0))
+    update.ppo_update(actor_critic, optimizer, batch, data, cfg, torch.Generator().manual_seed(0))
     first = stats_seen[0]
     assert first["ratio_max"] == pytest.approx(1.0, abs=1e-6)
     assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
@@ -208,17 +209,17 @@ def test_periodic_greedy_evaluation_and_repeated_tasks(small_tiny_dir, tmp_path)
     out = tmp_path / "run"
     cfg = small_config(small_tiny_dir, out, iterations=1, eval_every=1, eval_episodes=3, log_samples_every=0)
     seen = []
-    collect = train.collect_rollouts
+    collect = loop.collect_rollouts
 
     def spy(actor_critic, chat, pool, task_ids, **kw):
         seen.append(list(task_ids))
         return collect(actor_critic, chat, pool, task_ids, **kw)
 
-    train.collect_rollouts = spy
+    loop.collect_rollouts = spy
     try:
         train.main(cfg)
     finally:
-        train.collect_rollouts = collect
+        loop.collect_rollouts = collect
     assert len(seen[0]) == 4 and len(set(seen[0])) == 1
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [-1, 0]

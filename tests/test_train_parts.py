@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from ppo.checkpoint import TaskSampler, latest_checkpoint, load_trainer_state, save_checkpoint
-from ppo.config import PRESETS, Config, config_table, field_help, parse_args
-from ppo.monitor import MetricsLogger, episode_metrics
+from ppo.infra.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from ppo.infra.config import PRESETS, Config, config_table, field_help, parse_args
+from ppo.infra.monitor import MetricsLogger, episode_metrics
+from ppo.infra.setup import lr_factor
 from ppo.rollout import Episode, pad_episodes
-from ppo.setup import lr_factor
+from ppo.trainer.state import TaskSampler
 
 
 def test_every_field_has_help_and_presets_validate():
@@ -203,7 +204,7 @@ def test_segmentation_noise_keeps_the_text_and_is_exact_at_rate_zero(small_tiny_
 
 
 def test_only_local_rank_zero_builds_and_the_others_wait(monkeypatch):
-    from ppo.distributed import once_per_node
+    from ppo.infra.distributed import once_per_node
 
     built, answers = [], [None, None, "cache/model"]
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -214,7 +215,7 @@ def test_only_local_rank_zero_builds_and_the_others_wait(monkeypatch):
 
 
 def test_periodic_eval_is_off_for_own_tasks_without_eval_tasks(capsys):
-    from ppo.train import _eval_tasks
+    from ppo.trainer.loop import _eval_tasks
 
     assert _eval_tasks(Config(tasks="mine.jsonl", eval_every=5)) == []
     assert "--eval-tasks" in capsys.readouterr().out
@@ -223,7 +224,7 @@ def test_periodic_eval_is_off_for_own_tasks_without_eval_tasks(capsys):
 
 
 def test_keep_existing_never_replaces_a_finished_folder(tmp_path):
-    from ppo.checkpoint import write_folder_atomically
+    from ppo.infra.checkpoint import write_folder_atomically
 
     final = tmp_path / "model"
     write_folder_atomically(final, lambda f: (f / "config.json").write_text("first"))

@@ -4,9 +4,9 @@ Models (random weights, Qwen3-shaped, saved to a temporary folder and loaded thr
 exactly as training loads them, NF4 base + LoRA): the ``tiny`` preset and a ~100M-parameter "mid" model on the
 CPU; a Qwen3-1.7B-shaped model on the GPU when one is present. Measured, each side by side in one run:
 
-- rollout throughput (generated tokens/s): the static engine (`ppo.engine.StaticEngine`, what training runs) on
+- rollout throughput (generated tokens/s): the static engine (`ppo.rollout.engine.StaticEngine`, what training runs) on
   16 episodes at once, against plain Hugging Face ``generate`` one episode at a time (and batched ``generate``,
-  and the loop engine `ppo.generation.generate_turn` with and without the merged copy);
+  and the loop engine `ppo.rollout.generation.generate_turn` with and without the merged copy);
 - update throughput (tokens/s through ``ActorCritic.forward_train`` + backward + optimizer step);
 - memory: the trainer's layout (one NF4 base, policy and critic adapters, value head, optimizer state after a
   step) against the policy alone and against three independently loaded copies (policy, reference, critic),

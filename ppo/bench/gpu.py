@@ -28,8 +28,8 @@ from ppo.bench.measure import (
     timed,
     train_step,
 )
-from ppo.engine import StaticEngine, dense_copy, fp32_scores_supported
-from ppo.generation import compute_dtype, left_pad
+from ppo.rollout.engine import StaticEngine, dense_copy, fp32_scores_supported
+from ppo.rollout.generation import compute_dtype, left_pad
 
 
 def run_gpu(
@@ -37,9 +37,9 @@ def run_gpu(
 ) -> None:
     """Qwen3-1.7B shape, random weights, NF4 on the GPU: one PPO iteration of 32 x 1024 tokens, phase by phase.
 
-    The iteration's rollout runs the default engine (`ppo.engine.StaticEngine`, CUDA graphs); the engines are
+    The iteration's rollout runs the default engine (`ppo.rollout.engine.StaticEngine`, CUDA graphs); the engines are
     then compared side by side on shorter turns: the static engine with and without graphs against the Hugging
-    Face loop (`ppo.generation.sample_turn`, the ``loop`` engine). `device` and `shape` exist so that the same
+    Face loop (`ppo.rollout.generation.sample_turn`, the ``loop`` engine). `device` and `shape` exist so that the same
     code can be dry-run on the CPU with a small model.
     """
     gpu: dict[str, Any] = rec.results.setdefault("gpu", {})

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ppo import core
-from ppo.generation import generate_turn, left_pad
+from ppo.algo import core
+from ppo.rollout.generation import generate_turn, left_pad
 
 MID_SHAPE = {  # ~101M parameters, a quarter of them in the (tied) embeddings as in Qwen3
     "hidden_size": 768,
@@ -259,7 +259,7 @@ def engine_turn(
     """One turn of every context with a fresh engine, built inside (copy merged, graphs captured) as a rollout
     builds it; returns the `TurnSample`. ``merge_lora`` applies to the static engine (False: adapter unmerged);
     ``max_context`` defaults to what the turn needs."""
-    from ppo.engine import StaticEngine, make_engine
+    from ppo.rollout.engine import StaticEngine, make_engine
 
     max_context = max_context or max(map(len, contexts)) + new_tokens
     kw = {"rows": len(contexts), "max_context": max_context, "pad_id": pad}
@@ -287,8 +287,8 @@ def count_tokens(turns: list[list[int]]) -> int:
 
 def make_optimizer(ac) -> torch.optim.Optimizer:
     """The trainer's optimizer (paged 8-bit AdamW over policy and critic parameters)."""
-    from ppo.config import Config
-    from ppo.setup import build_optimizer
+    from ppo.infra.config import Config
+    from ppo.infra.setup import build_optimizer
 
     return build_optimizer(Config(), ac)
 

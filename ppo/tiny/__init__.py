@@ -16,7 +16,7 @@ def prepare(cfg) -> Path:
 
     Under torchrun it is built once per node: local rank 0 builds, the node's other ranks wait for it and load it.
     """
-    from ppo.distributed import once_per_node
+    from ppo.infra.distributed import once_per_node
 
     return once_per_node(lambda: _build(cfg), lambda: cached(cfg))
 

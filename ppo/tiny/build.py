@@ -38,7 +38,7 @@ def ensure_tiny(cache_dir: str | Path | None = None) -> Path:
     The build goes to a temporary sibling folder renamed into place at the end, so a crash never leaves a
     half-built cache; a finished build that appeared meanwhile (another process) is kept."""
     from models.tiny import build_tiny
-    from ppo.checkpoint import write_folder_atomically
+    from ppo.infra.checkpoint import write_folder_atomically
     from ppo.tiny.corpus import tokenizer_texts
 
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()

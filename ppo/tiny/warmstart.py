@@ -263,7 +263,7 @@ def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ppo.checkpoint import write_folder_atomically
+    from ppo.infra.checkpoint import write_folder_atomically
     from ppo.rollout import ChatFormat
 
     print(

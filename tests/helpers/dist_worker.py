@@ -10,17 +10,18 @@ import torch
 
 def main() -> None:
     from ppo import train
-    from ppo.config import parse_args
+    from ppo.infra.config import parse_args
+    from ppo.trainer import loop
 
     cfg = parse_args(sys.argv[1:])
     captured = {}
-    load_policy = train.load_policy
+    load_policy = loop.load_policy
 
     def keep(*args, **kwargs):
         captured["ac"] = load_policy(*args, **kwargs)
         return captured["ac"]
 
-    train.load_policy = keep
+    loop.load_policy = keep
     rank = int(__import__("os").environ["RANK"])
     train.main(cfg)
     ac = captured["ac"]

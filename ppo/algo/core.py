@@ -109,7 +109,7 @@ def masked_whiten(
 
     With ``shift_mean=False`` the mean is added back (only the scale changes), as for advantages in some
     implementations that keep their sign. The variance is the unbiased one. ``reduce`` sums a list of floats
-    over every process (``ppo.distributed.all_sum``): the mean and variance are then those of all processes'
+    over every process (``ppo.infra.distributed.all_sum``): the mean and variance are then those of all processes'
     entries together, computed in two passes as in one process.
     """
     m = _as_bool(mask)

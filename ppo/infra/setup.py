@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ppo.config import Config
+from ppo.infra.config import Config
 
 
 def prepare_model(cfg: Config) -> str:
@@ -20,7 +20,7 @@ def prepare_model(cfg: Config) -> str:
         from ppo import tiny
 
         return str(tiny.prepare(cfg))
-    from ppo.config import PRESETS
+    from ppo.infra.config import PRESETS
 
     return str(PRESETS[cfg.preset].model)
 
@@ -104,14 +104,14 @@ def input_errors() -> tuple[type[BaseException], ...]:
     the command lines print them as one ``error:`` line instead of a traceback."""
     from env import ServerStartError, TaskError
     from models import ModelLoadError
-    from ppo.checkpoint import CheckpointError, RunFolderError
+    from ppo.infra.checkpoint import CheckpointError, RunFolderError
 
     return (ModelLoadError, ServerStartError, TaskError, CheckpointError, RunFolderError, FileNotFoundError)
 
 
 def add_policy_arguments(parser) -> None:
     """The flags ``policy_config`` reads, for the commands that play a policy."""
-    from ppo.config import PRESETS
+    from ppo.infra.config import PRESETS
 
     parser.add_argument(
         "--checkpoint", help="a checkpoint folder or a run's output directory (its newest checkpoint)"
@@ -133,10 +133,10 @@ def policy_config(args) -> Config:
     ``--mcp-server``, ``--device`` and ``--max-new-tokens`` override it when given."""
     import dataclasses
 
-    from ppo.config import PRESETS, from_dict
+    from ppo.infra.config import PRESETS, from_dict
 
     if args.checkpoint:
-        from ppo.checkpoint import latest_checkpoint, run_config
+        from ppo.infra.checkpoint import latest_checkpoint, run_config
 
         checkpoint = latest_checkpoint(args.checkpoint)
         cfg = from_dict(run_config(checkpoint))

@@ -74,7 +74,7 @@ class Config:
     """sampling temperature; log-probs are recomputed at the same temperature"""
     engine: str = "static"
     """static (merged copy, one KV cache per rollout, CUDA graphs on a GPU; Qwen3/Qwen2/Llama) or loop
-    (Hugging Face forward, any architecture); see ppo/engine.py"""
+    (Hugging Face forward, any architecture); see ppo/rollout/engine.py"""
     cuda_graphs: bool = True
     """replay each decoding step of the static engine as a CUDA graph (GPU only)"""
 
@@ -186,7 +186,10 @@ class Config:
                 f"critic must be separate or shared, not {self.critic!r}",
             ),
             (self.kl_kind in ("k1", "k2", "k3"), f"kl_kind must be k1, k2 or k3, not {self.kl_kind!r}"),
-            (self.engine in ("static", "loop"), f"engine must be static or loop, not {self.engine!r}"),
+            (
+                self.engine in _engine_names(),
+                f"engine must be one of {', '.join(_engine_names())}, not {self.engine!r}",
+            ),
             (
                 self.lr_schedule in ("constant", "linear", "cosine"),
                 f"unknown lr_schedule {self.lr_schedule!r}",
@@ -286,6 +289,12 @@ PRESETS: dict[str, Config] = {
         save_every=20,
     ),
 }
+
+
+def _engine_names() -> list[str]:
+    from ppo.rollout.engine import ENGINES  # the registry; imported late, so a Config loads without torch
+
+    return list(ENGINES)
 
 
 def field_help() -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Sampling one assistant turn for a batch of contexts with the model's own forward: the ``loop`` engine.
 
-Rollouts run `ppo.engine.StaticEngine` by default (a KV cache kept across turns, CUDA graphs); this loop is the
+Rollouts run `ppo.rollout.engine.StaticEngine` by default (a KV cache kept across turns, CUDA graphs); this loop is the
 engine for architectures it does not cover (``--engine loop``) and the reference its tests compare against.
 `merged_copy` here also builds the static engine's sampling copy.
 
@@ -22,7 +22,7 @@ returns. The default (``None``) merges when the base holds 4-bit weights and run
 the tiny preset fell from 13.2 ms to 5.3 ms (16 rows, one thread), the copy's extra memory (the dense base)
 lives only while a turn is sampled, and in fp32 the copy computes the policy's distribution to rounding. On a
 GPU this loop does not merge: on an H100 (Qwen3-1.7B shape, 32 rows) merging gained it 4% (340 against 326
-tokens/s), launch overhead being its bound. The static engine (`ppo.engine`) does merge on a GPU, where it buys
+tokens/s), launch overhead being its bound. The static engine (`ppo.rollout.engine`) does merge on a GPU, where it buys
 50%; there the bench measured the sampler's log-probs 0.031 nats per token from the policy's when merged and
 0.029 unmerged, so the bf16 rounding of the merge is a small part of the gap between any bf16 sampler and the
 scoring pass (0.018 for this loop, unmerged).
@@ -201,7 +201,7 @@ def merged_copy(model: nn.Module, *, merge_adapters: bool = True) -> nn.Module:
     `model` is a PeftModel (NF4 or full-precision base) or a plain causal LM (returned as is when nothing is
     quantized and no adapter is present). Every weight of the copy is in the compute dtype of the base; tensors
     that need no change are shared with `model`, not copied. ``merge_adapters=False`` leaves the adapters out:
-    the copy is the dequantized base (`ppo.engine` adds the adapters back unmerged).
+    the copy is the dequantized base (`ppo.rollout.engine` adds the adapters back unmerged).
     """
     from transformers import AutoModelForCausalLM
 

@@ -5,7 +5,7 @@ heads, G = H / K query heads per key/value head, D head size, V vocabulary.
 
 `StaticEngine` is the fast path, for the Llama family of decoders (Qwen3, Qwen2, Llama; Qwen3-1.7B is the
 default policy). It runs a copy of the policy made once per rollout, its 4-bit base dequantized and the active
-LoRA adapter merged in (`ppo.generation.merged_copy`; ``merge_lora=False`` keeps the adapter beside the base,
+LoRA adapter merged in (`ppo.rollout.generation.merged_copy`; ``merge_lora=False`` keeps the adapter beside the base,
 computed as peft computes it), its own attention over a KV cache allocated once per rollout, and on a GPU a CUDA
 graph per decoding shape:
 
@@ -34,7 +34,7 @@ position is written by a real token before any query can attend to it. A write t
 idle slots inside a bucket) goes to the extra last position ``S``, the *bin*, which is never attended.
 Tests fill the garbage with large values and check that nothing changes (``tests/test_engine.py``).
 
-`LoopEngine` wraps `ppo.generation.sample_turn` (Hugging Face forward with a dynamic cache) for any other
+`LoopEngine` wraps `ppo.rollout.generation.sample_turn` (Hugging Face forward with a dynamic cache) for any other
 architecture; it recomputes each context from scratch every turn.
 """
 
@@ -48,7 +48,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ppo.generation import TurnSample, merged_copy, sample_turn
+from ppo.rollout.generation import TurnSample, merged_copy, sample_turn
 
 SUPPORTED_TYPES = ("qwen3", "qwen2", "llama")
 """``config.model_type`` values whose decoder layers `StaticEngine` reimplements (pre-norm RMSNorm, RoPE,
@@ -102,28 +102,40 @@ def static_support(model: nn.Module) -> str | None:
     return None
 
 
+def _static_or_loop(
+    model: nn.Module, *, rows: int, max_context: int, pad_id: int, cuda_graphs: bool
+) -> Engine:
+    reason = static_support(model)
+    if reason is None:
+        return StaticEngine(model, rows=rows, max_context=max_context, cuda_graphs=cuda_graphs, pad_id=pad_id)
+    warnings.warn(f"engine 'static' cannot run this model ({reason}); using 'loop'.", stacklevel=3)
+    return LoopEngine(model, pad_id)
+
+
+def _loop(model: nn.Module, *, rows: int, max_context: int, pad_id: int, cuda_graphs: bool) -> Engine:
+    return LoopEngine(model, pad_id)
+
+
+# The rollout engines by name (``--engine``; ``Config.validate`` checks against it). A new engine implements
+# ``Engine`` and registers a factory here.
+ENGINES: dict[str, Callable[..., Engine]] = {"static": _static_or_loop, "loop": _loop}
+
+
 def make_engine(
     model: nn.Module, *, kind: str, rows: int, max_context: int, pad_id: int, cuda_graphs: bool = True
 ) -> Engine:
     """The engine of one rollout of `rows` episodes. Call inside the policy's role (the adapter to merge).
 
-    ``kind``: ``"static"`` (`StaticEngine`; falls back to ``"loop"`` with a warning when the architecture is not
-    supported) or ``"loop"`` (`LoopEngine`).
+    ``kind``: a name of ``ENGINES``: ``"static"`` (`StaticEngine`; falls back to ``"loop"`` with a warning when the
+    architecture is not supported) or ``"loop"`` (`LoopEngine`).
     """
-    if kind not in ("static", "loop"):
-        raise ValueError(f"engine must be 'static' or 'loop', got {kind!r}.")
-    if kind == "static":
-        reason = static_support(model)
-        if reason is None:
-            return StaticEngine(
-                model, rows=rows, max_context=max_context, cuda_graphs=cuda_graphs, pad_id=pad_id
-            )
-        warnings.warn(f"engine 'static' cannot run this model ({reason}); using 'loop'.", stacklevel=2)
-    return LoopEngine(model, pad_id)
+    if kind not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {kind!r}.")
+    return ENGINES[kind](model, rows=rows, max_context=max_context, pad_id=pad_id, cuda_graphs=cuda_graphs)
 
 
 class LoopEngine:
-    """`ppo.generation.sample_turn` behind the `Engine` interface (any architecture, no state across turns)."""
+    """`ppo.rollout.generation.sample_turn` behind the `Engine` interface (any architecture, no state across turns)."""
 
     def __init__(self, model: nn.Module, pad_id: int | None = None) -> None:
         self.model = model

@@ -13,7 +13,7 @@ Each turn's environment reward sits on that turn's last sampled token in ``score
 
 Ends of episodes: ``terminated`` (success, or a final answer), ``truncated`` (the turn limit, or the env's guard on
 repeated invalid turns), or ``cut`` (the next turn would outgrow ``max_context``; counted in the metrics). None
-of them is bootstrapped: the value after an episode's last action token is 0 (see ``ppo.core.compute_gae``). That is
+of them is bootstrapped: the value after an episode's last action token is 0 (see ``ppo.algo.core.compute_gae``). That is
 right for the turn limit too: the task ends there and no further reward can come, so the return is complete, not a
 time-limit artefact of an endless task.
 """
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ppo.engine import make_engine
+from ppo.rollout.engine import make_engine
 
 SENTINEL = "\u2063qwen-tool-turn-end\u2063"
 
@@ -194,7 +194,7 @@ def collect_rollouts(
 ) -> RolloutBatch:
     """Play one episode per task id on the env pool, all episodes advancing one turn at a time together.
 
-    ``engine`` samples the turns (see `ppo.engine`): built once for the rollout, so a turn feeds only the tokens
+    ``engine`` samples the turns (see `ppo.rollout.engine`): built once for the rollout, so a turn feeds only the tokens
     appended since the episode's previous turn. ``on_turn(row, episode, text, info)``, when given, is called after
     each turn is recorded, with the turn's text and the env's step info (``ppo.chat`` prints from it).
     """

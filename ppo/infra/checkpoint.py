@@ -22,37 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-
-
-class TaskSampler:
-    """Task ids in shuffled passes over the task list; its state is part of a checkpoint."""
-
-    def __init__(self, task_ids: list[str], seed: int):
-        if not task_ids:
-            raise ValueError("the task list is empty")
-        self.task_ids = list(task_ids)
-        self.rng = np.random.default_rng(seed)
-        self.order: list[int] = []
-        self.position = 0
-
-    def sample(self, n: int) -> list[str]:
-        out = []
-        while len(out) < n:
-            if self.position >= len(self.order):
-                self.order = self.rng.permutation(len(self.task_ids)).tolist()
-                self.position = 0
-            out.append(self.task_ids[self.order[self.position]])
-            self.position += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "order": self.order, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
-        self.order, self.position = list(state["order"]), int(state["position"])
 
 
 def checkpoint_dir(output_dir: Path, iteration: int) -> Path:
