@@ -70,6 +70,14 @@ class MCPGymEnv(gym.Env[str, str]):
     by newlines (empty when the episode ended without tool output). ``info["messages"]`` holds the
     whole chat as OpenAI-style dicts and ``info["tools"]`` the server's tools as function schemas.
 
+    ## Info
+    Every ``reset`` and ``step`` returns a fresh dict (the rollout and the warm start read these keys; they are the
+    contract): ``messages`` (the whole chat so far, OpenAI-style dicts: the user prompt, each assistant turn, each
+    tool message), ``tools`` (the server's tools as OpenAI function schemas, what the chat template renders),
+    ``task`` (a copy of the task), ``task_id``, ``turn`` (turns played). ``step`` adds ``status`` (the turn's status,
+    below), ``tool_messages`` (this turn's tool messages, ``{"role": "tool", "name", "content"}``) and ``calls``
+    (each parsed call: ``name``, ``arguments``, ``error``, the reason when it was not valid JSON).
+
     ## Rewards
     One reward per turn from :class:`env.RewardConfig` by ``info["status"]``: ``success`` (the task
     is complete after the turn), ``tool_execution``, ``tool_error`` (schema violation, error result,
