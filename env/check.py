@@ -8,7 +8,7 @@ user's own code (or ``ppo.train --check-tasks``) can run it too. Each task gets 
   message, or the success conditions no result met);
 - ``broken``: the task cannot be played as written: a line that is not a valid task, a duplicate id, an oracle
   call to a tool the server lacks or with arguments its schema refuses, a success condition or probe naming a
-  tool the server lacks, an oracle longer than the task's turn limit;
+  tool the server lacks, a success ``tool`` that no oracle call uses, an oracle longer than the task's turn limit;
 - ``unchecked``: nothing to replay (no oracle), or success needs a final answer (``answer_contains``), which
   an oracle of calls cannot give.
 
@@ -26,7 +26,7 @@ from typing import Any
 
 from env.parsing import call_text
 from env.schema import argument_error, make_validator
-from env.tasks import load_tasks, task_lines
+from env.tasks import TaskError, load_tasks, task_lines
 
 VERDICTS = ("solved", "failed", "broken", "unchecked")
 _SNIPPET = 160
@@ -158,7 +158,8 @@ def check_tasks(
     """Check every task of a JSONL file (or list of dicts) against ``server`` (as ``MCPGymEnv`` takes it).
 
     ``progress(done, total)`` is called after each task. Raises ``env.TaskError`` only when the file cannot be
-    read or holds no task; bad lines are ``broken`` reports."""
+    read or holds no task (and ``env.ServerStartError`` when the server cannot start); bad lines are ``broken``
+    reports."""
     from env.mcp_env import MCPGymEnv
 
     if isinstance(source, (str, Path)):
@@ -168,10 +169,10 @@ def check_tasks(
         for i, task in enumerate(source):
             try:
                 lines.append((f"task {i}", load_tasks([task])[0], None))
-            except ValueError as exc:
+            except TaskError as exc:
                 lines.append((f"task {i}", None, exc))
     if not lines:
-        raise ValueError(f"{source} holds no tasks")
+        raise TaskError(f"{source if isinstance(source, (str, Path)) else 'the task list'} holds no tasks")
     reports: list[TaskReport] = []
     first_place: dict[str, str] = {}
     playable: list[tuple[str, dict[str, Any]]] = []

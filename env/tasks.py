@@ -116,7 +116,7 @@ def _validated(task: Any, place: str) -> dict[str, Any]:
         raise TaskError(f"{place}: missing key 'success' (an object of success conditions)")
     _check_success(task["success"], place)
     max_turns = task.get("max_turns")
-    if max_turns is not None and (
+    if "max_turns" in task and (
         isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1
     ):
         raise TaskError(f"{place}: 'max_turns' must be a positive integer, got {max_turns!r}")

@@ -34,12 +34,16 @@ def show_turn(out: TextIO, turn: int, text: str, info: dict, free: bool = False)
     """One turn as it happened: the text, every call and the tool's answer, the turn's status (for a free
     prompt, whose only condition is a final answer, ``success`` reads "final answer")."""
     out.write(f"assistant (turn {turn}):\n{_indent(text.strip() or '(empty turn)')}\n")
-    messages = info.get("tool_messages", [])
-    for k, message in enumerate(messages):
-        call = info["calls"][k] if k < len(info.get("calls", [])) else None
-        if call is not None and call.get("error") is None:
+    calls = info.get("calls", [])
+    for k, message in enumerate(info.get("tool_messages", [])):
+        # Message k answers call k; a nameless message after the valid calls is the env's note on calls not run.
+        if k >= len(calls) or (message.get("name") is None and calls[k].get("error") is None):
+            out.write(f"  env: {message['content']}\n")
+            continue
+        call = calls[k]
+        if call.get("error") is None:
             out.write(f"  call {call['name']} {json.dumps(call['arguments'], ensure_ascii=False)}\n")
-        elif call is not None:
+        else:
             out.write("  call (not valid JSON)\n")
         out.write(f"  tool: {_indent(message['content'], 8).lstrip()}\n")
     status = "final answer" if free and info["status"] == "success" else info["status"]
@@ -75,6 +79,10 @@ def play(actor_critic, cfg, pool, task: dict, *, temperature: float, out: TextIO
         if episode.cut:
             ended = "cut: the context is full"
         out.write(f"episode: ended {ended} after {turns} turn(s)\n\n")
+    elif episode.cut and not episode.statuses:
+        out.write(
+            "episode: cut before its first turn: the prompt and --max-new-tokens exceed the context\n\n"
+        )
     else:
         verdict = "solved" if episode.success else f"not solved (last status {episode.statuses[-1]})"
         out.write(f"episode: {verdict} after {turns} turn(s), return {episode.episodic_return:+.1f}\n\n")
@@ -106,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--temperature must be >= 0, not {args.temperature}")
     if args.tasks and not args.task:
         parser.error("--tasks goes with --task ID")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("--prompt is empty; give the task's text")
     from ppo.infra.setup import input_errors
 
     try:
@@ -132,11 +142,12 @@ def _chat(args) -> int:
         tasks = chosen
     elif args.prompt is not None:
         tasks = [free_task("prompt", args.prompt, max_turns)]
-    actor_critic = load_policy(cfg, adapters=args.checkpoint)
-    print(f"policy: {args.checkpoint or f'the {cfg.preset} preset starting policy'}", flush=True)
+    # The server first: one that cannot start is reported before a model takes minutes to load.
     with EnvPool(
         1, server=cfg.mcp_server, tasks=tasks, max_turns=max_turns, call_timeout=cfg.call_timeout
     ) as pool:
+        actor_critic = load_policy(cfg, adapters=args.checkpoint)
+        print(f"policy: {args.checkpoint or f'the {cfg.preset} preset starting policy'}", flush=True)
         if tasks:
             episode = play(
                 actor_critic,

@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.eval:
         if not Path(path).is_file():
             parser.error(f"--eval {path} does not exist")
+        try:
+            if "success_rate" not in json.loads(Path(path).read_text()):
+                parser.error(f"--eval {path} holds no success_rate; give a ppo.evaluate --json file")
+        except (ValueError, AttributeError, TypeError):
+            parser.error(f"--eval {path} is not a ppo.evaluate --json file")
     from ppo.infra.setup import input_errors
 
     try:
@@ -183,6 +188,10 @@ def _export(args, out: Path) -> None:
     args.preset, args.mcp_server, args.device, args.max_new_tokens = "tiny", None, "cpu", 0
     cfg = policy_config(args)
     checkpoint = Path(args.checkpoint)
+    if args.adapter_only and not (checkpoint / "adapter_config.json").is_file():
+        from ppo.infra.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{checkpoint} has no adapter_config.json: it is not a checkpoint of ppo.train")
     base_model = prepare_model(cfg)
     if not args.adapter_only:
         actor_critic = load_policy(cfg, adapters=checkpoint, device="cpu", model_path=base_model)

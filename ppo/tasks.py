@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             call_timeout=args.call_timeout,
             quiet=args.quiet,
         )
-    except (ServerStartError, TaskError, ValueError, OSError) as err:
+    except (ServerStartError, TaskError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary_table(reports))
@@ -104,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; {len(bad)} fail the check" if bad else "")
     )
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps([r.as_dict() for r in reports], indent=1))
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps([r.as_dict() for r in reports], indent=1))
+        except OSError as err:
+            print(f"error: cannot write --json {args.json}: {err.strerror or err}", file=sys.stderr)
+            return 2
     return 1 if bad else 0
 
 

@@ -165,3 +165,54 @@ def test_export_refuses_a_folder_that_is_not_empty(trained_run, tmp_path):
     with pytest.raises(SystemExit):
         export.main(["--checkpoint", str(trained_run / "run"), "--out", str(tmp_path)])
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_chat_refuses_what_it_cannot_play_before_loading_a_model(trained_run, capsys):
+    with pytest.raises(SystemExit):
+        chat.main(["--checkpoint", str(trained_run / "run"), "--prompt", "  "])
+    assert "--prompt is empty" in capsys.readouterr().err
+    code = chat.main(["--checkpoint", str(trained_run / "run"), "--prompt", "x", "--max-new-tokens", "5000"])
+    assert code == 2 and "need 0 < max_new_tokens < max_context" in capsys.readouterr().err
+
+
+def test_a_turn_shows_each_call_and_the_note_on_calls_not_run():
+    import io
+
+    out = io.StringIO()
+    info = {
+        "status": "structural_fail",
+        "calls": [
+            {"name": "calculator", "arguments": {"expression": "1"}, "error": None},
+            {"name": None, "arguments": {}, "error": "not valid JSON"},
+            {"name": "calculator", "arguments": {"expression": "3"}, "error": None},
+        ],
+        "tool_messages": [
+            {"role": "tool", "name": "calculator", "content": "1"},
+            {"role": "tool", "name": None, "content": "invalid tool call"},
+            {
+                "role": "tool",
+                "name": None,
+                "content": "1 tool call(s) not run: at most 2 calls are run per turn",
+            },
+        ],
+    }
+    chat.show_turn(out, 1, "<tool_call>...</tool_call>", info)
+    lines = out.getvalue().splitlines()
+    assert lines[2:] == [
+        '  call calculator {"expression": "1"}',
+        "  tool: 1",
+        "  call (not valid JSON)",
+        "  tool: invalid tool call",
+        "  env: 1 tool call(s) not run: at most 2 calls are run per turn",
+        "  status: structural_fail",
+    ]
+
+
+def test_export_refuses_an_eval_file_that_is_not_an_evaluation(trained_run, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        export.main(
+            ["--checkpoint", str(trained_run / "run"), "--out", str(tmp_path / "o"), "--eval", str(bad)]
+        )
+    assert "holds no success_rate" in capsys.readouterr().err

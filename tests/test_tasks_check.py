@@ -78,6 +78,7 @@ CASES = [
         "failed",
         "no result met the success conditions",
     ),
+    ("null-turns", _task("null-turns", max_turns=None), "broken", "'max_turns' must be a positive integer"),
     ("no-oracle", _task("no-oracle", oracle=None), "unchecked", "no oracle"),
     (
         "answer",
@@ -94,7 +95,7 @@ def task_file(tmp_path_factory):
     lines = []
     for _, task, _, _ in CASES:
         if isinstance(task, dict):
-            task = {k: v for k, v in task.items() if v is not None}
+            task = {k: v for k, v in task.items() if v is not None or k == "max_turns"}
             lines.append(json.dumps(task))
         else:
             lines.append(task)
@@ -113,7 +114,7 @@ def test_each_mistake_gets_its_diagnosis(task_file):
             assert any(reason in p for p in report.problems), (name, report.problems)
     assert reports[0].statuses == ["success"]
     table = summary_table(reports)
-    assert "| **all** | 13 | 1 | 2 | 8 | 2 |" in table
+    assert "| **all** | 14 | 1 | 2 | 9 | 2 |" in table
 
 
 def test_cli_exit_status_and_json(task_file, tmp_path, capsys):
@@ -121,7 +122,7 @@ def test_cli_exit_status_and_json(task_file, tmp_path, capsys):
     assert tasks_main(["check", str(task_file), "--quiet", "--json", str(out)]) == 1
     printed = capsys.readouterr().out
     assert "failed: mixed.jsonl line 10 tool-error: oracle call 1 (calculator): tool_error" in printed
-    assert "3 of 13 tasks pass; 10 fail the check" in printed
+    assert "3 of 14 tasks pass; 11 fail the check" in printed
     saved = json.loads(out.read_text())
     assert [r["verdict"] for r in saved] == [c[2] for c in CASES]
 
@@ -156,7 +157,25 @@ def test_train_with_check_tasks_stops_before_the_model_loads(task_file, tmp_path
 
     out = tmp_path / "run"
     with pytest.raises(
-        TaskError, match=r"--check-tasks: 10 of 13 tasks fail the check \(broken: mixed.jsonl line 2"
+        TaskError, match=r"--check-tasks: 11 of 14 tasks fail the check \(broken: mixed.jsonl line 2"
     ):
         train.main(Config(output_dir=str(out), tasks=str(task_file), check_tasks=True))
     assert not out.exists()
+
+
+def test_train_check_names_the_command_that_shows_every_failure(task_file, tmp_path):
+    from env import TaskError
+    from ppo import train
+    from ppo.infra.config import Config
+
+    with pytest.raises(TaskError) as err:
+        train.main(
+            Config(output_dir=str(tmp_path / "run"), tasks=str(task_file), check_tasks=True, max_turns=3)
+        )
+    assert f"See them all with: python -m ppo.tasks check {task_file} --max-turns 3" in str(err.value)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(TaskError, match="holds no tasks"):
+        train.main(Config(output_dir=str(tmp_path / "run2"), tasks=str(empty), check_tasks=True))
+    with pytest.raises(TaskError, match="the task list holds no tasks"):
+        check_tasks([])

@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class ConfigError(ValueError):
+    """Settings that do not fit together (``Config.validate``); the command lines print it as one line."""
+
+
 @dataclass
 class Config:
     # --- what to train -------------------------------------------------------------------------------
@@ -174,7 +178,7 @@ class Config:
         return -(-self.minibatch_size // self.micro_batch_size)
 
     def validate(self) -> None:
-        """Raise ValueError with one sentence on the first inconsistent setting."""
+        """Raise ConfigError (a ValueError) with one sentence on the first inconsistent setting."""
         checks = [
             (self.preset in PRESETS, f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}"),
             (
@@ -249,7 +253,7 @@ class Config:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
 
 
 def _has_cuda() -> bool:

@@ -105,8 +105,11 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from env import ServerStartError, TaskError
     from models import ModelLoadError
     from ppo.infra.checkpoint import CheckpointError, RunFolderError
+    from ppo.infra.config import ConfigError
 
-    return (ModelLoadError, ServerStartError, TaskError, CheckpointError, RunFolderError, FileNotFoundError)
+    return (
+        ModelLoadError, ServerStartError, TaskError, CheckpointError, RunFolderError, ConfigError, FileNotFoundError,
+    )  # fmt: skip
 
 
 def add_policy_arguments(parser) -> None:
@@ -148,4 +151,5 @@ def policy_config(args) -> Config:
             setattr(cfg, name, getattr(args, name))
     if args.max_new_tokens:
         cfg.max_new_tokens = args.max_new_tokens
+    cfg.validate()  # the overrides may not fit the rest (e.g. --max-new-tokens beyond the context)
     return cfg

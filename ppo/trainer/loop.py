@@ -66,9 +66,22 @@ def check_task_suite(cfg: Config) -> None:
         raise TaskError(
             f"--check-tasks: {len(bad)} of {len(reports)} tasks fail the check ({shown}"
             + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
-            + f"). See them all with: python -m ppo.tasks check {cfg.tasks or 'TASKS'}"
+            + f"). See them all with: {_check_command(cfg)}"
         )
     print(f"check-tasks: all {len(reports)} tasks pass", flush=True)
+
+
+def _check_command(cfg: Config) -> str:
+    """The ``ppo.tasks check`` command line that checks what ``--check-tasks`` checked."""
+    import shlex
+
+    import mcp_mock
+
+    tasks = cfg.tasks or str(Path(mcp_mock.TASKS_DIR) / "train.jsonl")
+    parts = ["python", "-m", "ppo.tasks", "check", tasks, "--max-turns", str(cfg.max_turns)]
+    if cfg.mcp_server:
+        parts += ["--mcp-server", cfg.mcp_server]
+    return shlex.join(parts)
 
 
 def main(cfg: Config) -> dict:

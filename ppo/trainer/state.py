@@ -67,7 +67,9 @@ class RunState:
     def load_state_dict(self, state: dict) -> int:
         """Restore optimizer, schedule, KL controller and this rank's task order; returns the iterations done."""
         if state["world_size"] != dist.world_size():
-            raise ValueError(
+            from ppo.infra.checkpoint import CheckpointError
+
+            raise CheckpointError(
                 f"this checkpoint was written by {state['world_size']} rank(s); resume it with as many "
                 f"(now {dist.world_size()}), so each rank continues its own task order"
             )
