@@ -229,3 +229,24 @@ def test_periodic_greedy_evaluation_and_repeated_tasks(small_tiny_dir, tmp_path)
             line["eval/bad_turns"] == line["eval/status/invalid_json"] + line["eval/status/structural_fail"]
         )
     assert "charts/success_rate" not in lines[0] and "charts/success_rate" in lines[1]
+
+
+def test_train_pool_draws_only_the_first_tasks_again_and_again(small_tiny_dir, tmp_path):
+    from ppo.tasks import resolve_tasks
+
+    cfg = small_config(small_tiny_dir, tmp_path / "run", iterations=2, train_pool=2, episodes_per_task=1,
+                       save_every=0, log_samples_every=0)  # fmt: skip
+    seen = []
+    collect = loop.collect_rollouts
+
+    def spy(actor_critic, chat, pool, task_ids, **kw):
+        seen.extend(task_ids)
+        return collect(actor_critic, chat, pool, task_ids, **kw)
+
+    loop.collect_rollouts = spy
+    try:
+        train.main(cfg)
+    finally:
+        loop.collect_rollouts = collect
+    first_two = {t["id"] for t in resolve_tasks(None, "train")[:2]}
+    assert len(seen) == 8 and set(seen) == first_two  # 4 episodes an iteration, each pool task drawn 4 times

@@ -55,6 +55,9 @@ class Config:
     """MCP server: a command line (stdio), an http(s)://.../mcp URL, or None for the bundled mock server"""
     tasks: str | None = None
     """JSONL task file to train on; None: the mock server's train split"""
+    train_pool: int = 0
+    """PPO draws from the first N train tasks only, so each comes back every N / (num_episodes / episodes_per_task)
+    iterations; 0: all of them. The warm start still imitates the whole train set"""
     eval_tasks: str | None = None
     """JSONL task file of the periodic greedy evaluation; None: the mock's val split (only with the mock's tasks)"""
     max_turns: int = 4
@@ -209,6 +212,7 @@ class Config:
             ),
             (0 <= self.turn_gamma <= 1 and 0 <= self.gamma <= 1, "gamma and turn_gamma must be in [0, 1]"),
             (self.critic_warmup_iterations >= 0, "critic_warmup_iterations must be >= 0"),
+            (self.train_pool >= 0, f"train_pool must be >= 0 (0: every train task), not {self.train_pool}"),
             (self.eval_every >= 0 and self.eval_episodes >= 0, "eval_every and eval_episodes must be >= 0"),
             (
                 self.save_every >= 0 and self.log_samples_every >= 0,

@@ -103,9 +103,10 @@ def main(cfg: Config) -> dict:
         if cfg.adaptive_kl
         else core.FixedKLController(cfg.init_kl_coef)
     )
-    shard = tasks[rank::world]  # each rank owns a disjoint shard of the tasks
+    pool_tasks = tasks[: cfg.train_pool] if cfg.train_pool else tasks
+    shard = pool_tasks[rank::world]  # each rank owns a disjoint shard of the tasks
     if not shard:
-        raise ValueError(f"{len(tasks)} task(s) cannot be shared among {world} ranks")
+        raise ValueError(f"{len(pool_tasks)} task(s) cannot be shared among {world} ranks")
     state = RunState(
         actor_critic, optimizer, scheduler, kl_ctl, TaskSampler([t["id"] for t in shard], cfg.seed + rank)
     )
