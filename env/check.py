@@ -26,7 +26,7 @@ from typing import Any
 
 from env.parsing import call_text
 from env.schema import argument_error, make_validator
-from env.tasks import TaskError, load_tasks, task_lines
+from env.tasks import TaskError, duplicate_ids, load_tasks, task_lines
 
 VERDICTS = ("solved", "failed", "broken", "unchecked")
 _SNIPPET = 160
@@ -173,18 +173,19 @@ def check_tasks(
                 lines.append((f"task {i}", None, exc))
     if not lines:
         raise TaskError(f"{source if isinstance(source, (str, Path)) else 'the task list'} holds no tasks")
-    reports: list[TaskReport] = []
-    first_place: dict[str, str] = {}
-    playable: list[tuple[str, dict[str, Any]]] = []
-    for place, task, error in lines:
-        if error is not None:
-            reports.append(TaskReport(place, None, "", "broken", [str(error).removeprefix(f"{place}: ")]))
-        elif task["id"] in first_place:
-            message = f"duplicate task id {task['id']!r} (first at {first_place[task['id']]})"
-            reports.append(TaskReport(place, task["id"], str(task.get("category", "")), "broken", [message]))
-        else:
-            first_place[task["id"]] = place
-            playable.append((place, task))
+    valid = [(place, task) for place, task, error in lines if error is None]
+    duplicated = duplicate_ids([t for _, t in valid], [p for p, _ in valid])
+    reports = [
+        TaskReport(place, None, "", "broken", [str(error).removeprefix(f"{place}: ")])
+        for place, _, error in lines
+        if error is not None
+    ]
+    reports += [
+        TaskReport(place, task["id"], str(task.get("category", "")), "broken", [duplicated[place]])
+        for place, task in valid
+        if place in duplicated
+    ]
+    playable = [(place, task) for place, task in valid if place not in duplicated]
     env = MCPGymEnv(
         server=server, tasks=[t for _, t in playable], max_turns=max_turns, call_timeout=call_timeout
     )

@@ -68,7 +68,7 @@ def task_lines(path: str | Path) -> list[tuple[str, dict[str, Any] | None, TaskE
     """Every non-blank line of a task file as ``(place, task, None)`` or ``(place, None, error)``.
 
     ``load_tasks`` stops at the first bad line; a checker (``python -m ppo.tasks check``) reports them all.
-    Duplicate ids are not checked here (see ``duplicate_ids``).
+    Duplicate ids are not checked here (``duplicate_ids`` finds them).
     """
     path = Path(path)
     try:
@@ -93,13 +93,13 @@ def task_lines(path: str | Path) -> list[tuple[str, dict[str, Any] | None, TaskE
     return out
 
 
-def duplicate_ids(tasks: Sequence[dict[str, Any]], places: Sequence[str]) -> list[str]:
-    """One message per task whose id an earlier task already uses."""
+def duplicate_ids(tasks: Sequence[dict[str, Any]], places: Sequence[str]) -> dict[str, str]:
+    """``{place: reason}`` for every task whose id an earlier task already uses."""
     seen: dict[str, str] = {}
-    problems = []
+    problems = {}
     for task, place in zip(tasks, places, strict=True):
         if task["id"] in seen:
-            problems.append(f"{place}: duplicate task id {task['id']!r} (first at {seen[task['id']]})")
+            problems[place] = f"duplicate task id {task['id']!r} (first at {seen[task['id']]})"
         else:
             seen[task["id"]] = place
     return problems
@@ -177,7 +177,8 @@ def _check_unique(tasks: list[dict[str, Any]], places: list[str]) -> None:
     """Task ids pick tasks, so they must be unique."""
     problems = duplicate_ids(tasks, places)
     if problems:
-        raise TaskError(problems[0])
+        place, reason = next(iter(problems.items()))  # the first duplicate, in file order
+        raise TaskError(f"{place}: {reason}")
 
 
 def _is_text_or_texts(value: Any) -> bool:

@@ -54,12 +54,12 @@ def seed_everything(seed: int) -> None:
 def check_task_suite(cfg: Config) -> None:
     """``--check-tasks``: replay every oracle on the server first; a broken suite stops the run (TaskError), with
     every bad line counted, not only the first."""
-    import mcp_mock
     from env import TaskError
     from ppo.tasks import describe, failures, run_check
 
-    source = cfg.tasks or list(mcp_mock.load_tasks("train"))
-    reports = run_check(source, cfg.mcp_server, max_turns=cfg.max_turns, call_timeout=cfg.call_timeout)
+    reports = run_check(
+        _check_source(cfg), cfg.mcp_server, max_turns=cfg.max_turns, call_timeout=cfg.call_timeout
+    )
     bad = failures(reports)
     if bad:
         shown = "; ".join(describe(r) for r in bad[:3])
@@ -71,14 +71,18 @@ def check_task_suite(cfg: Config) -> None:
     print(f"check-tasks: all {len(reports)} tasks pass", flush=True)
 
 
+def _check_source(cfg: Config) -> str:
+    """The task file ``--check-tasks`` checks: ``--tasks``, else the mock's train split."""
+    import mcp_mock
+
+    return cfg.tasks or str(Path(mcp_mock.TASKS_DIR) / "train.jsonl")
+
+
 def _check_command(cfg: Config) -> str:
     """The ``ppo.tasks check`` command line that checks what ``--check-tasks`` checked."""
     import shlex
 
-    import mcp_mock
-
-    tasks = cfg.tasks or str(Path(mcp_mock.TASKS_DIR) / "train.jsonl")
-    parts = ["python", "-m", "ppo.tasks", "check", tasks, "--max-turns", str(cfg.max_turns)]
+    parts = ["python", "-m", "ppo.tasks", "check", _check_source(cfg), "--max-turns", str(cfg.max_turns)]
     if cfg.mcp_server:
         parts += ["--mcp-server", cfg.mcp_server]
     return shlex.join(parts)
