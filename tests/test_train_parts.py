@@ -231,3 +231,86 @@ def test_keep_existing_never_replaces_a_finished_folder(tmp_path):
     write_folder_atomically(final, lambda f: (f / "config.json").write_text("second"), keep_existing=True)
     assert (final / "config.json").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the discarded copy left nothing behind
+
+
+def test_habits_are_one_mistake_spelled_the_same_way_and_give_ups_end_the_episode():
+    import random
+
+    import mcp_mock
+    from env import MCPGymEnv
+    from env.tasks import load_tasks
+    from ppo.tiny.warmstart import broken_json, demonstration, tool_habits
+
+    tools = ["calculator", "convert_units", "web_search", "query_database"]
+    habits = tool_habits(tools, 0.5, seed=0)
+    assert len(habits) == 2 and habits == tool_habits(tools, 0.5, seed=0) and tool_habits(tools, 0.0, 0) == {}
+    tasks = [t for t in load_tasks(mcp_mock.load_tasks("train")) if t["oracle"][0]["name"] == "calculator"][
+        :3
+    ]
+    env = MCPGymEnv(tasks=tasks, max_turns=6)
+    try:
+        for kind in ("invalid_json", "invented_tool"):
+            openings, statuses = set(), []
+            for k, task in enumerate(tasks):
+                played, _ = demonstration(env, task, kind, random.Random(k), habit_rng=random.Random(7))
+                statuses.append(len(played))
+                first = played[0][0]
+                if kind == "invented_tool":
+                    openings.add(first.split('"name": ')[1].split(",")[0])
+                else:  # which of the ways to break JSON
+                    call = task["oracle"][0]
+                    openings.add(broken_json(call["name"], call["arguments"]).index(first.split("\n")[1]))
+                # the habit recovers: the right call follows the error and completes the task
+                assert played[-1][0].startswith("<tool_call>") and len(played) == 2
+                given_up, _ = demonstration(
+                    env, task, kind, random.Random(k), give_up=True, habit_rng=random.Random(7)
+                )
+                assert len(given_up) == 2 and given_up[0][0] == first and not given_up[1][0].startswith("<")
+            assert len(openings) == 1, openings  # the same invented name, the same broken ending
+    finally:
+        env.close()
+
+
+def test_flawed_demonstrations_follow_their_shares(small_tiny_dir):
+    from transformers import AutoTokenizer
+
+    import mcp_mock
+    from env.tasks import load_tasks
+    from ppo.rollout import ChatFormat
+    from ppo.tiny.warmstart import GIVE_UPS, build_demonstrations
+
+    chat = ChatFormat(AutoTokenizer.from_pretrained(small_tiny_dir))
+    tasks = load_tasks(mcp_mock.load_tasks("train"))[:8]
+
+    def texts(**shares):
+        demos = build_demonstrations(chat, tasks, seed=0, **shares)
+        return [
+            chat.tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m]) for ids, mask in demos
+        ]
+
+    clean = texts(error_fraction=0.0)
+    assert len(clean) == 8 and not any(g in t for t in clean for g in GIVE_UPS)
+    assert all(t.count("<tool_call>") == len(task["oracle"]) for t, task in zip(clean, tasks, strict=True))
+    given_up = texts(error_fraction=0.0, habit_share=1.0, habit_rate=1.0, give_up_fraction=1.0)
+    # every tool has a habit, every demonstration opens with it and then gives up: one call, one give-up
+    assert given_up and all(t.count("<tool_call>") == 1 and any(g in t for g in GIVE_UPS) for t in given_up)
+    recovered = texts(error_fraction=0.0, habit_share=1.0, habit_rate=1.0)
+    assert all(
+        t.count("<tool_call>") == len(task["oracle"]) + 1 for t, task in zip(recovered, tasks, strict=True)
+    )
+
+
+def test_bf16_warm_start_loss_is_the_fp32_loss_to_bf16_precision(small_tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ppo.tiny.warmstart import sft_loss
+
+    model = AutoModelForCausalLM.from_pretrained(small_tiny_dir, dtype=torch.float32)
+    ids = torch.randint(3, 200, (2, 40))
+    attn = torch.ones_like(ids)
+    labels = torch.where(torch.arange(40) > 30, ids, -100)
+    fp32 = sft_loss(model, ids, attn, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = sft_loss(model, ids, attn, labels)
+    assert bf16.dtype == torch.float32 and abs(bf16.item() - fp32.item()) < 0.02 * fp32.item()
+    assert bf16.item() != fp32.item()  # the matmuls did run in bf16

@@ -150,11 +150,20 @@ class Config:
     sft_epochs: int = 8
     """passes over the demonstrations in the warm start"""
     sft_error_fraction: float = 0.35
-    """share of demonstrations that make a mistake (bad JSON, invented tool, wrong types) and then correct it"""
+    """share of the demonstrations of tools without a habit that open with a random mistake (bad JSON, invented
+    tool, wrong type), then recover or give up"""
     sft_tasks: int = 0
     """train tasks the warm start imitates (the first N of the file); 0: all"""
     sft_cut_fraction: float = 0.25
     """share of demonstrations spelled with random extra BPE cuts (BPE-dropout), so held-out names can be copied"""
+    sft_habit_share: float = 0.3
+    """share of the tools with a habitual mistake, made in sft_habit_rate of their demonstrations"""
+    sft_habit_rate: float = 0.6
+    """share of a habit tool's demonstrations that open with its habitual mistake (above 0.5: greedy makes it)"""
+    sft_give_up_fraction: float = 0.6
+    """share of flawed demonstrations that give up after the error instead of recovering"""
+    sft_bf16: bool = True
+    """run the warm start's matmuls under bf16 autocast on CPUs with bf16 units (weights and AdamW stay fp32)"""
     warmstart_seed: int = 0
     """seed of the warm start (demonstrations, mistakes, order); apart from --seed, so PPO seeds share one"""
 
@@ -253,6 +262,11 @@ class Config:
             (self.dual_clip is None or self.dual_clip > 1, "dual_clip must be > 1 (or None)"),
             (0 <= self.sft_error_fraction < 1, "sft_error_fraction must be in [0, 1)"),
             (0 <= self.sft_cut_fraction <= 1, "sft_cut_fraction must be in [0, 1]"),
+            (
+                0 <= self.sft_habit_share <= 1 and 0 <= self.sft_habit_rate <= 1,
+                "sft_habit_share and sft_habit_rate must be in [0, 1]",
+            ),
+            (0 <= self.sft_give_up_fraction <= 1, "sft_give_up_fraction must be in [0, 1]"),
             (self.sft_tasks >= 0 and self.sft_epochs > 0, "sft_tasks must be >= 0 and sft_epochs > 0"),
         ]
         for ok, message in checks:

@@ -1,10 +1,21 @@
 """Warm start of the tiny preset: supervised imitation of the train tasks' oracle solutions, made imperfect.
 
 A randomly initialised model cannot explore its way to a tool call, so PPO starts from a policy that has seen
-demonstrations. The demonstrations are deliberately flawed: a set fraction of them open with a mistake (a
-``<tool_call>`` that is not valid JSON, a tool that does not exist, or an argument of the wrong type), followed by
-the real error the server returns and then the correct call. The warm-started policy therefore makes exactly the
-mistakes PPO is meant to remove, and has seen that errors can be recovered from.
+demonstrations. The tiny model stands in for a pretrained base model that calls tools sloppily, so the
+demonstrations are deliberately flawed, in the ways reward is meant to fix:
+
+- **Habits.** A set share of the tools (``--sft-habit-share``, drawn by the warm-start seed) each have one habitual
+  mistake, a tool name it invents or one way of breaking the JSON, spelled the same way every time. It opens
+  ``--sft-habit-rate`` (60%) of that tool's demonstrations. Above half, greedy decoding makes it: a systematic error
+  of the starting policy, not noise around a correct mode.
+- **Random mistakes.** The other tools' demonstrations open with a random mistake (a ``<tool_call>`` that is not
+  valid JSON, a tool that does not exist, or an argument of the wrong type) at ``--sft-error-fraction``.
+- **Giving up.** After the mistake's real error, a demonstration recovers (the correct call follows) or, at
+  ``--sft-give-up-fraction``, gives up with a final answer that fails the task. A policy that mostly stops at errors
+  has to learn from reward that recovering pays.
+
+So the warm-started policy makes exactly the mistakes PPO is meant to remove, has seen that errors can be
+recovered from, and leaves reward something to fix on every task of the habit tools.
 
 Every demonstration is played through ``MCPGymEnv`` on the mock server, so tool outputs and error messages are the
 real ones, and tokenized exactly as ``ppo.rollout`` lays out an episode (prompt, sampled turns, suffix ids).
@@ -33,21 +44,23 @@ import torch
 from env.parsing import call_text
 
 MISTAKES = ("invalid_json", "invented_tool", "wrong_type")
-WARMSTART_VERSION = "w3"
+WARMSTART_VERSION = "w4"
+
+
+def broken_json(name: str, args: dict) -> list[str]:
+    """The ways an ``invalid_json`` mistake spells a call: a lost brace, single quotes, a trailing comma, no colon."""
+    good = json.dumps({"name": name, "arguments": args})
+    return [good[:-1], good.replace('"', "'", 2), good[:-2] + ",}}", good.replace(":", "", 1)]
 
 
 def mistaken_call(call: dict, kind: str, tools: dict[str, dict], rng: random.Random) -> str | None:
     """A flawed version of ``call`` of the given kind, or None when this call cannot carry that mistake."""
     name, args = call["name"], call.get("arguments", {})
     if kind == "invalid_json":
-        good = json.dumps({"name": name, "arguments": args})
-        broken = rng.choice(
-            [good[:-1], good.replace('"', "'", 2), good[:-2] + ",}}", good.replace(":", "", 1)]
-        )
-        return f"<tool_call>\n{broken}\n</tool_call>"
+        return f"<tool_call>\n{rng.choice(broken_json(name, args))}\n</tool_call>"
     if kind == "invented_tool":
-        fake = rng.choice([name.split("_")[0], name + "_tool", "run_" + name, name.replace("_", "")])
-        return None if fake in tools else call_text(fake, args)
+        fakes = [name.split("_")[0], name + "_tool", "run_" + name, name.replace("_", "")]
+        return call_text(rng.choice([f for f in fakes if f not in tools and f != name]), args)
     props = tools.get(name, {}).get("parameters", {}).get("properties", {})
     for key, value in args.items():
         kind_of = props.get(key, {}).get("type")
@@ -60,13 +73,23 @@ def mistaken_call(call: dict, kind: str, tools: dict[str, dict], rng: random.Ran
     return None
 
 
+GIVE_UPS = (
+    "The tool call failed, so I cannot complete this task.",
+    "I could not complete the task: the tool returned an error.",
+)
+
+
 def demonstration(
-    env, task: dict, mistake: str | None, rng: random.Random
+    env, task: dict, mistake: str | None, rng: random.Random, *, give_up: bool = False, habit_rng=None
 ) -> list[tuple[str, list[dict]]] | None:
     """Play a task's oracle (after an optional mistake) through the env.
 
+    With ``give_up`` the demonstration stops after the mistake's error with a final answer that gives up (a failed
+    episode, imitated on purpose: see ``build_demonstrations``). ``habit_rng`` draws the mistake's variant instead
+    of ``rng``, so a habit is spelled the same way every time.
+
     Returns [(assistant_text, tool_messages_after_it), ...] and the first observation's info, or None when the
-    oracle does not reach success (a broken task is skipped, not imitated).
+    oracle does not reach success (a broken task is skipped, not imitated) or no such mistake fits the call.
     """
     from env.check import play_turns
 
@@ -75,14 +98,40 @@ def demonstration(
         return None
     if mistake is not None:
         bad = mistaken_call(
-            task["oracle"][0], mistake, {t["function"]["name"]: t["function"] for t in env.tools}, rng
+            task["oracle"][0],
+            mistake,
+            {t["function"]["name"]: t["function"] for t in env.tools},
+            habit_rng or rng,
         )
         if bad is not None:
             turns.insert(0, bad)
+        elif give_up:
+            return None
+        if give_up:
+            turns = [bad, rng.choice(GIVE_UPS)]
     played, info = play_turns(env, task["id"], turns)
-    if not played or played[-1][1]["status"] != "success":
+    if give_up:
+        if (
+            len(played) != 2
+            or played[0][1]["status"] == "success"
+            or played[1][1]["status"] != "structural_fail"
+        ):
+            return None
+    elif not played or played[-1][1]["status"] != "success":
         return None
     return [(text, step.get("tool_messages", [])) for text, step in played], info
+
+
+def tool_habits(tools: list[str], share: float, seed: int) -> dict[str, tuple[str, int]]:
+    """The habitual mistake of ``share`` of the tools: {tool: (mistake kind, seed of its spelling)}.
+
+    A habit is one mistake made the same way every time (the same broken JSON, the same invented name), so that
+    where a tool's demonstrations mostly carry it, greedy decoding reproduces it: a systematic error of the warm
+    start that reward has to remove. Mixed mistakes at a minority share never show under greedy decoding.
+    """
+    rng = random.Random(f"habits-{seed}")
+    chosen = sorted(rng.sample(sorted(tools), round(share * len(tools))))
+    return {tool: (rng.choice(("invalid_json", "invented_tool")), rng.randrange(2**31)) for tool in chosen}
 
 
 def encode_with_cuts(chat, text: str, cut_rate: float, rng: random.Random) -> list[int]:
@@ -147,9 +196,16 @@ def build_demonstrations(
     max_turns: int = 6,
     cut_fraction: float = 0.0,
     cut_rate: float = 0.1,
+    habit_share: float = 0.0,
+    habit_rate: float = 0.6,
+    give_up_fraction: float = 0.0,
 ):
     """(ids, action_mask) of one demonstration per task that its oracle solves.
 
+    Flaws: the demonstrations of ``habit_share`` of the tools open with that tool's habitual mistake at
+    ``habit_rate`` (see ``tool_habits``); the others open with a random mistake at ``error_fraction``. A flawed
+    demonstration recovers (the error, then the right call) or, at ``give_up_fraction``, gives up after the
+    error: a policy that stops at errors, which reward can teach to recover.
     ``cut_fraction`` of them are spelled with segmentation noise at ``cut_rate`` (see ``encode_with_cuts``).
     """
     from env import MCPGymEnv
@@ -158,9 +214,18 @@ def build_demonstrations(
     demos, skipped = [], 0
     env = MCPGymEnv(tasks=tasks, max_turns=max_turns)
     try:
+        habits = tool_habits([t["function"]["name"] for t in env.tools], habit_share, seed)
         for task in tasks:
-            mistake = rng.choice(MISTAKES) if rng.random() < error_fraction else None
-            result = demonstration(env, {**task, "max_turns": max_turns}, mistake, rng)
+            habit = habits.get(task["oracle"][0]["name"]) if task.get("oracle") else None
+            if habit is not None:
+                mistake = habit[0] if rng.random() < habit_rate else None
+            else:
+                mistake = rng.choice(MISTAKES) if rng.random() < error_fraction else None
+            give_up = give_up_fraction > 0 and mistake is not None and rng.random() < give_up_fraction
+            habit_rng = random.Random(habit[1]) if habit is not None else None
+            result = demonstration(
+                env, {**task, "max_turns": max_turns}, mistake, rng, give_up=give_up, habit_rng=habit_rng
+            )
             if result is None:
                 skipped += 1
                 continue
@@ -198,10 +263,19 @@ def sft_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor)
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
+def bf16_autocast_helps() -> bool:
+    """Whether this CPU has bf16 units, where autocast makes the warm start's steps faster (without them it is
+    emulated and slower)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def supervised_finetune(
-    model, demos, pad_id: int, *, epochs: int, lr: float, batch_size: int, seed: int
+    model, demos, pad_id: int, *, epochs: int, lr: float, batch_size: int, seed: int, bf16: bool = False
 ) -> None:
-    """Full fine-tuning with AdamW on the assistant tokens of the demonstrations."""
+    """Full fine-tuning with AdamW on the assistant tokens of the demonstrations.
+
+    ``bf16``: forward and backward under CPU bf16 autocast (matmuls in bf16; weights, loss and AdamW in fp32).
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * -(-len(demos) // batch_size)
@@ -219,7 +293,8 @@ def supervised_finetune(
                 ids[r, : len(seq)] = torch.tensor(seq)
                 attn[r, : len(seq)] = 1
                 labels[r, : len(seq)] = torch.where(torch.tensor(mask) == 1, torch.tensor(seq), -100)
-            loss = sft_loss(model, ids, attn, labels)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = sft_loss(model, ids, attn, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -241,6 +316,9 @@ def warm_start_key(base: Path, cfg) -> str:
         cfg.sft_epochs,
         cfg.sft_error_fraction,
         cfg.sft_cut_fraction,
+        *([cfg.sft_habit_share, cfg.sft_habit_rate] if cfg.sft_habit_share else []),
+        *([cfg.sft_give_up_fraction] if cfg.sft_give_up_fraction else []),
+        *(["bf16"] if cfg.sft_bf16 and bf16_autocast_helps() else []),
         cfg.sft_tasks,
         cfg.warmstart_seed,
         cfg.tasks or "mock",
@@ -267,8 +345,9 @@ def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
     from ppo.rollout import ChatFormat
 
     print(
-        f"warm start: building {out} (supervised imitation of oracle solutions, "
-        f"{cfg.sft_error_fraction:.0%} of them flawed)",
+        f"warm start: building {out} (supervised imitation of oracle solutions, flawed: a habitual mistake in "
+        f"{cfg.sft_habit_rate:.0%} of the demonstrations of {cfg.sft_habit_share:.0%} of the tools, a random one "
+        f"in {cfg.sft_error_fraction:.0%} of the others', {cfg.sft_give_up_fraction:.0%} of them given up)",
         flush=True,
     )
     seed = cfg.warmstart_seed
@@ -282,8 +361,14 @@ def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
         cfg.sft_error_fraction,
         seed,
         cut_fraction=cfg.sft_cut_fraction,
+        habit_share=cfg.sft_habit_share,
+        habit_rate=cfg.sft_habit_rate,
+        give_up_fraction=cfg.sft_give_up_fraction,
     )
-    supervised_finetune(model, demos, chat.pad_id, epochs=cfg.sft_epochs, lr=2e-3, batch_size=16, seed=seed)
+    bf16 = cfg.sft_bf16 and bf16_autocast_helps()
+    supervised_finetune(
+        model, demos, chat.pad_id, epochs=cfg.sft_epochs, lr=2e-3, batch_size=16, seed=seed, bf16=bf16
+    )
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
