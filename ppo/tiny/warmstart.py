@@ -355,6 +355,7 @@ def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     chat = ChatFormat(tokenizer)
+    started = time.perf_counter()
     demos = build_demonstrations(
         chat,
         tasks[: cfg.sft_tasks] if cfg.sft_tasks else tasks,
@@ -365,6 +366,7 @@ def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
         habit_rate=cfg.sft_habit_rate,
         give_up_fraction=cfg.sft_give_up_fraction,
     )
+    print(f"warm start: {len(demos)} demonstrations played and tokenized ({time.perf_counter() - started:.0f}s)")
     bf16 = cfg.sft_bf16 and bf16_autocast_helps()
     supervised_finetune(
         model, demos, chat.pad_id, epochs=cfg.sft_epochs, lr=2e-3, batch_size=16, seed=seed, bf16=bf16
