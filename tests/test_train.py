@@ -203,11 +203,8 @@ def test_first_minibatch_ratio_is_one_and_tool_output_gets_no_gradient(small_tin
         assert grad[action].abs().sum() > 0, key
 
 
-def test_periodic_greedy_evaluation_and_repeated_tasks(small_tiny_dir, tmp_path):
-    # Four episodes of one task a batch (episodes_per_task 4), and a greedy pass over 3 validation tasks
-    # before training and after each iteration, logged as eval/* with the iteration's metrics.
-    out = tmp_path / "run"
-    cfg = small_config(small_tiny_dir, out, iterations=1, eval_every=1, eval_episodes=3, log_samples_every=0)
+def train_seeing_task_ids(cfg) -> list[list[str]]:
+    """Run ``train.main(cfg)`` and return the task ids of every batch of episodes it collected, in order."""
     seen = []
     collect = loop.collect_rollouts
 
@@ -220,6 +217,15 @@ def test_periodic_greedy_evaluation_and_repeated_tasks(small_tiny_dir, tmp_path)
         train.main(cfg)
     finally:
         loop.collect_rollouts = collect
+    return seen
+
+
+def test_periodic_greedy_evaluation_and_repeated_tasks(small_tiny_dir, tmp_path):
+    # Four episodes of one task a batch (episodes_per_task 4), and a greedy pass over 3 validation tasks
+    # before training and after each iteration, logged as eval/* with the iteration's metrics.
+    out = tmp_path / "run"
+    cfg = small_config(small_tiny_dir, out, iterations=1, eval_every=1, eval_episodes=3, log_samples_every=0)
+    seen = train_seeing_task_ids(cfg)
     assert len(seen[0]) == 4 and len(set(seen[0])) == 1
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [-1, 0]
@@ -236,17 +242,6 @@ def test_train_pool_draws_only_the_first_tasks_again_and_again(small_tiny_dir, t
 
     cfg = small_config(small_tiny_dir, tmp_path / "run", iterations=2, train_pool=2, episodes_per_task=1,
                        save_every=0, log_samples_every=0)  # fmt: skip
-    seen = []
-    collect = loop.collect_rollouts
-
-    def spy(actor_critic, chat, pool, task_ids, **kw):
-        seen.extend(task_ids)
-        return collect(actor_critic, chat, pool, task_ids, **kw)
-
-    loop.collect_rollouts = spy
-    try:
-        train.main(cfg)
-    finally:
-        loop.collect_rollouts = collect
+    seen = [task for batch in train_seeing_task_ids(cfg) for task in batch]
     first_two = {t["id"] for t in resolve_tasks(None, "train")[:2]}
     assert len(seen) == 8 and set(seen) == first_two  # 4 episodes an iteration, each pool task drawn 4 times

@@ -103,12 +103,12 @@ def demonstration(
             {t["function"]["name"]: t["function"] for t in env.tools},
             habit_rng or rng,
         )
-        if bad is not None:
-            turns.insert(0, bad)
-        elif give_up:
-            return None
         if give_up:
+            if bad is None:
+                return None
             turns = [bad, rng.choice(GIVE_UPS)]
+        elif bad is not None:
+            turns.insert(0, bad)
     played, info = play_turns(env, task["id"], turns)
     if give_up:
         if (
@@ -263,10 +263,10 @@ def sft_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor)
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
-def bf16_autocast_helps() -> bool:
-    """Whether this CPU has bf16 units, where autocast makes the warm start's steps faster (without them it is
-    emulated and slower)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def uses_bf16(cfg) -> bool:
+    """Whether this warm start runs under bf16 autocast: ``--sft-bf16`` and a CPU with bf16 units (without them
+    bf16 is emulated and slower). The cache key and the build both ask here, so they never disagree."""
+    return cfg.sft_bf16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def supervised_finetune(
@@ -318,7 +318,7 @@ def warm_start_key(base: Path, cfg) -> str:
         cfg.sft_cut_fraction,
         *([cfg.sft_habit_share, cfg.sft_habit_rate] if cfg.sft_habit_share else []),
         *([cfg.sft_give_up_fraction] if cfg.sft_give_up_fraction else []),
-        *(["bf16"] if cfg.sft_bf16 and bf16_autocast_helps() else []),
+        *(["bf16"] if uses_bf16(cfg) else []),
         cfg.sft_tasks,
         cfg.warmstart_seed,
         cfg.tasks or "mock",
@@ -366,10 +366,18 @@ def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
         habit_rate=cfg.sft_habit_rate,
         give_up_fraction=cfg.sft_give_up_fraction,
     )
-    print(f"warm start: {len(demos)} demonstrations played and tokenized ({time.perf_counter() - started:.0f}s)")
-    bf16 = cfg.sft_bf16 and bf16_autocast_helps()
+    print(
+        f"warm start: {len(demos)} demonstrations played and tokenized ({time.perf_counter() - started:.0f}s)"
+    )
     supervised_finetune(
-        model, demos, chat.pad_id, epochs=cfg.sft_epochs, lr=2e-3, batch_size=16, seed=seed, bf16=bf16
+        model,
+        demos,
+        chat.pad_id,
+        epochs=cfg.sft_epochs,
+        lr=2e-3,
+        batch_size=16,
+        seed=seed,
+        bf16=uses_bf16(cfg),
     )
 
     def write(folder: Path) -> None:
