@@ -411,6 +411,11 @@ def test_explained_variance_cases():
     assert explained_variance(torch.full_like(y, 2.0), y, mask) == pytest.approx(0.0)
     constant = torch.tensor([[4.0, 4.0, 4.0, 0.0]])
     assert explained_variance(y, constant, mask) == 0.0  # Var(R) = 0: defined as 0, never nan
+    # Equal returns that are not exactly representable leave a rounding-sized variance, still "0", not -1e13.
+    returns = torch.full((3, 50), -1.0)
+    returns[0, :7] = torch.nextafter(torch.tensor(-1.0), torch.tensor(0.0))  # one float32 step off
+    values = torch.linspace(-2.0, 0.0, 150).view(3, 50)
+    assert explained_variance(values, returns, torch.ones_like(returns)) == 0.0
 
 
 # --- KL ---------------------------------------------------------------------------------------------------

@@ -131,7 +131,9 @@ def explained_variance(y_pred: Tensor, y_true: Tensor, action_mask: Tensor) -> f
 
     1 is a perfect value function, 0 one that does no better than a constant, negative one that does worse.
     When ``Var(y_true)`` is 0 (e.g. every return equal) the ratio is undefined; this returns 0.0 then so that
-    logs stay finite (Stable-Baselines3 returns nan).
+    logs stay finite (Stable-Baselines3 returns nan). "0" is up to float32 rounding: a variance below
+    ``eps * mean(y_true ** 2)`` is what equal returns leave after the subtraction of their mean (every return
+    -1.0 gave 1e-15, and a ratio of -3e13).
     """
     _check_shapes("explained_variance", y_pred=y_pred, y_true=y_true, action_mask=action_mask)
     m = _as_bool(action_mask)
@@ -139,7 +141,7 @@ def explained_variance(y_pred: Tensor, y_true: Tensor, action_mask: Tensor) -> f
         return 0.0
     y_pred, y_true = y_pred.detach().float(), y_true.detach().float()
     var_y = float(masked_var(y_true, m, unbiased=False))
-    if var_y == 0.0:
+    if var_y <= torch.finfo(torch.float32).eps * float(y_true[m].square().mean()):
         return 0.0
     return 1.0 - float(masked_var(y_true - y_pred, m, unbiased=False)) / var_y
 
