@@ -3,7 +3,8 @@
 ``python -m ppo.tasks check TASKS --mcp-server CMD_OR_URL`` is the command line; this module is the logic, so a
 user's own code (or ``ppo.train --check-tasks``) can run it too. Each task gets one verdict:
 
-- ``solved``: its oracle, played through ``MCPGymEnv`` one call a turn, reaches ``success``;
+- ``solved``: its oracle, played through ``MCPGymEnv`` one call a turn (in a conversation, each user turn's calls
+  and then a final answer, ``ORACLE_ANSWER``), reaches ``success``;
 - ``failed``: the oracle ran but did not reach success (the reason names the turn, its status and the tool's
   message, or the success conditions no result met);
 - ``broken``: the task cannot be played as written: a line that is not a valid task, a duplicate id, an oracle
@@ -26,10 +27,28 @@ from typing import Any
 
 from env.parsing import call_text
 from env.schema import argument_error, make_validator
-from env.tasks import TaskError, duplicate_ids, load_tasks, task_lines
+from env.tasks import TaskError, duplicate_ids, is_conversation, load_tasks, oracle_by_turn, task_lines
 
 VERDICTS = ("solved", "failed", "broken", "unchecked")
+ORACLE_ANSWER = "Done."  # the final answer that ends each user turn of a conversation's oracle
 _SNIPPET = 160
+
+
+def oracle_texts(task: dict[str, Any], max_turns: int) -> list[str]:
+    """The assistant turns that play a task's oracle: one call a turn; in a conversation each user turn's calls
+    and then a final answer (which ends the user turn). A user turn with more calls than its turns allow
+    (``max_turns``, less the answer) gets several calls a turn, as few as fit."""
+    if not is_conversation(task):
+        return [call_text(c["name"], c.get("arguments", {})) for c in task.get("oracle") or []]
+    budget = max(int(task.get("max_turns", max_turns)) - 1, 1)
+    texts = []
+    for calls in oracle_by_turn(task):
+        per_turn = -(-len(calls) // budget)  # ceil
+        for start in range(0, len(calls), max(per_turn, 1)):
+            chunk = calls[start : start + per_turn]
+            texts.append("\n".join(call_text(c["name"], c.get("arguments", {})) for c in chunk))
+        texts.append(ORACLE_ANSWER)
+    return texts
 
 
 @dataclass
@@ -60,9 +79,17 @@ def static_problems(
     """What makes ``task`` unplayable on a server with ``tools`` (name -> OpenAI function schema), without
     calling anything."""
     problems = []
-    oracle = task.get("oracle") or []
+    by_turn = oracle_by_turn(task)
+    oracle = [c for calls in by_turn for c in calls]
+    if "tools" in task:
+        missing = [name for name in task["tools"] if name not in tools]
+        if missing:
+            problems.append(f"'tools' names tools the server does not have: {', '.join(missing)}")
+    for k, call in enumerate(task.get("setup") or [], start=1):
+        problems += _call_problems(f"setup call {k}", call["name"], call.get("arguments", {}), tools)
+    shown = {n: tools[n] for n in task["tools"] if n in tools} if "tools" in task else tools
     for k, call in enumerate(oracle, start=1):
-        problems += _call_problems(f"oracle call {k}", call["name"], call.get("arguments", {}), tools)
+        problems += _call_problems(f"oracle call {k}", call["name"], call.get("arguments", {}), shown)
     success = task["success"]
     if "tool" in success and success["tool"] not in tools:
         problems.append(f"success names tool {success['tool']!r}, which the server does not have")
@@ -72,8 +99,10 @@ def static_problems(
     if "tool" in success and oracle and success["tool"] not in {c["name"] for c in oracle}:
         problems.append(f"no oracle call uses the success tool {success['tool']!r}")
     max_turns = int(task.get("max_turns", default_max_turns))
-    if len(oracle) > max_turns:
+    if not is_conversation(task) and len(oracle) > max_turns:
         problems.append(f"the oracle needs {len(oracle)} turns (one call each); max_turns is {max_turns}")
+    if is_conversation(task) and max_turns < 2 and any(by_turn):
+        problems.append("max_turns is 1: no user turn can hold a call and then the final answer that ends it")
     return problems
 
 
@@ -105,8 +134,8 @@ def play_turns(
 def replay_oracle(env, task: dict[str, Any]) -> TaskReport:
     """Play the task's oracle, one call a turn, and judge the result."""
     report = TaskReport("", task["id"], str(task.get("category", "")), "solved")
-    oracle = task.get("oracle") or []
-    if not oracle:
+    turns = oracle_texts(task, env.max_turns)
+    if not task.get("oracle"):
         report.verdict = "unchecked"
         report.problems.append("no oracle to replay")
         return report
@@ -116,22 +145,29 @@ def replay_oracle(env, task: dict[str, Any]) -> TaskReport:
             "success needs a final answer ('answer_contains'), which an oracle of calls cannot give"
         )
         return report
-    played, _ = play_turns(env, task["id"], [call_text(c["name"], c.get("arguments", {})) for c in oracle])
+    played, _ = play_turns(env, task["id"], turns)
     report.statuses = [info["status"] for _, info in played]
     if played and played[-1][1]["status"] == "success":
-        if len(played) < len(oracle):
-            report.problems.append(f"solved after {len(played)} of the oracle's {len(oracle)} calls")
+        if len(played) < len(turns):
+            report.problems.append(f"solved after {len(played)} of the oracle's {len(turns)} turns")
         return report
     report.verdict = "failed"
-    report.problems.append(_why_failed(task, oracle, played))
+    report.problems.append(_why_failed(task, turns, played))
     return report
 
 
-def _why_failed(task: dict[str, Any], oracle: list[dict], played: list[tuple[str, dict[str, Any]]]) -> str:
-    for k, (_text, info) in enumerate(played, start=1):
+def _why_failed(task: dict[str, Any], turns: list[str], played: list[tuple[str, dict[str, Any]]]) -> str:
+    for k, (text, info) in enumerate(played, start=1):
         if info["status"] not in ("success", "tool_execution"):
             message = " ".join(m["content"] for m in info.get("tool_messages", []))
-            return f"oracle call {k} ({oracle[k - 1]['name']}): {info['status']}: {_snippet(message)}"
+            if not is_conversation(task):
+                return f"oracle call {k} ({info['calls'][0]['name']}): {info['status']}: {_snippet(message)}"
+            if text == ORACLE_ANSWER:
+                return (
+                    f"oracle turn {k} (the final answer of user turn {info['user_turn'] + 1}): {info['status']}: "
+                    "the success conditions do not hold"
+                )
+            return f"oracle turn {k} ({info['calls'][0]['name']}): {info['status']}: {_snippet(message)}"
     results = [m for _, info in played for m in info.get("tool_messages", [])]
     wanted = task["success"].get("tool")
     shown = [m for m in results if m.get("name") == wanted] if wanted else results

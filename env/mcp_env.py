@@ -17,7 +17,7 @@ from env.client import EPISODE_META_KEY, Bridge, MCPConnection, resolve_server, 
 from env.parsing import ParsedCall, parse_turn
 from env.rewards import RewardConfig, worst_status
 from env.schema import argument_error, make_validator, openai_tool
-from env.tasks import TaskError, TaskSource, load_tasks
+from env.tasks import TaskError, TaskSource, is_conversation, load_tasks, user_turns
 from env.verify import answer_matches, call_matches, has_call_conditions, probe_matches
 
 MAX_TEXT_LENGTH = 1 << 20  # characters; a turn or an observation longer than this is not a real one
@@ -46,8 +46,11 @@ class _Episode:
 
     task: dict[str, Any]
     max_turns: int
+    tools: list[dict[str, Any]]  # what the model is shown: the server's tools, or the task's subset of them
     messages: list[dict[str, Any]] = field(default_factory=list)
     turn: int = 0
+    user_turn: int = 0  # index of the user turn in progress (conversations)
+    turns_in_user_turn: int = 0
     invalid_streak: int = 0
     call_condition_met: bool = False
     done: bool = False
@@ -73,10 +76,13 @@ class MCPGymEnv(gym.Env[str, str]):
     ## Info
     Every ``reset`` and ``step`` returns a fresh dict (the rollout and the warm start read these keys; they are the
     contract): ``messages`` (the whole chat so far, OpenAI-style dicts: the user prompt, each assistant turn, each
-    tool message), ``tools`` (the server's tools as OpenAI function schemas, what the chat template renders),
-    ``task`` (a copy of the task), ``task_id``, ``turn`` (turns played). ``step`` adds ``status`` (the turn's status,
-    below), ``tool_messages`` (this turn's tool messages, ``{"role": "tool", "name", "content"}``) and ``calls``
-    (each parsed call: ``name``, ``arguments``, ``error``, the reason when it was not valid JSON).
+    tool message), ``tools`` (the tools the task may see as OpenAI function schemas, what the chat template
+    renders: the server's, or the subset the task's ``tools`` names), ``task`` (a copy of the task), ``task_id``,
+    ``turn`` (turns played), ``user_turn`` (index of the user turn in progress). ``step`` adds ``status`` (the turn's
+    status, below), ``tool_messages`` (this turn's tool messages, ``{"role": "tool", "name", "content"}``),
+    ``new_messages`` (every message the env appended after the assistant turn: the tool messages, then the next
+    user message when a conversation goes on) and ``calls`` (each parsed call: ``name``, ``arguments``, ``error``,
+    the reason when it was not valid JSON).
 
     ## Rewards
     One reward per turn from :class:`env.RewardConfig` by ``info["status"]``: ``success`` (the task
@@ -98,8 +104,16 @@ class MCPGymEnv(gym.Env[str, str]):
     - ``"none"``: a stdio or HTTP server without the extension; its writes are visible to later episodes, and
       the env warns once.
 
+    ## Conversations
+    A task whose ``prompt`` is a list of user turns (``env.tasks``) is verified when the model ends a user turn
+    with a final answer: if ``success`` holds and a user turn is left, the turn pays ``tool_execution`` (progress,
+    the task not complete yet) and the next user message arrives; on the last one it is ``success``; if not, it
+    is a ``structural_fail`` and the episode ends. Calls never complete a user turn by themselves, and
+    ``max_turns`` counts the assistant turns of each user turn.
+
     ## Episode End
-    Terminated: on ``success``; on a final answer (a turn with no tool call); after
+    Terminated: on ``success``; on a final answer (a turn with no tool call) that does not go on to a next user
+    turn; after
     ``max_invalid_turns`` consecutive ``invalid_json``/``structural_fail`` turns. The last is a
     termination, not a truncation, because it is a rule of this MDP the agent's own turns trigger:
     the env will never continue from that state, so bootstrapping a value from it would credit the
@@ -243,6 +257,7 @@ class MCPGymEnv(gym.Env[str, str]):
     async def astart(self, task: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Start an episode of ``task`` (from ``pick_task``) on untouched server state; ``reset``'s return value."""
         await self._astart_session()
+        await self._arun_setup(task)
         return self._begin(task)
 
     @property
@@ -251,10 +266,33 @@ class MCPGymEnv(gym.Env[str, str]):
         return self._connection
 
     def _begin(self, task: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Open the episode's chat with the task prompt."""
-        self._episode = _Episode(task, int(task.get("max_turns", self.max_turns)))
-        self._episode.messages.append({"role": "user", "content": task["prompt"]})
-        return task["prompt"], self._info()
+        """Open the episode's chat with the task's (first) user message."""
+        self._episode = _Episode(task, int(task.get("max_turns", self.max_turns)), self._task_tools(task))
+        prompt = user_turns(task)[0]
+        self._episode.messages.append({"role": "user", "content": prompt})
+        return prompt, self._info()
+
+    def _task_tools(self, task: dict[str, Any]) -> list[dict[str, Any]]:
+        """The tools the task may see: the server's, or those its ``tools`` names (in the server's order)."""
+        assert self._tools is not None
+        if "tools" not in task:
+            return self._tools
+        wanted = set(task["tools"])
+        missing = sorted(wanted - set(self._validators))
+        if missing:
+            raise TaskError(f"task {task['id']!r} lists tools the server does not have: {', '.join(missing)}")
+        return [t for t in self._tools if t["function"]["name"] in wanted]
+
+    async def _arun_setup(self, task: dict[str, Any]) -> None:
+        """The task's ``setup`` calls, on this episode's state; a failing one means the task cannot be played."""
+        for call in task.get("setup", []):
+            result = await self._connection.call(
+                call["name"], call.get("arguments", {}), self.call_timeout, self._call_meta()
+            )
+            if result.is_error:
+                raise TaskError(
+                    f"task {task['id']!r}: setup call {call['name']!r} failed: {result.text[:200]}"
+                )
 
     def check_action(self, action: Any) -> None:
         """Refuse misuse (not model text) with a clear error: no episode, an ended one, or a non-str action."""
@@ -317,24 +355,38 @@ class MCPGymEnv(gym.Env[str, str]):
         assert episode is not None
         episode.turn += 1
         episode.messages.append({"role": "assistant", "content": text})
+        episode.turns_in_user_turn += 1
         parsed = parse_turn(text)
         tool_messages: list[dict[str, Any]] = []
+        next_user: list[dict[str, Any]] = []
+        conversation = is_conversation(episode.task)
         if parsed.calls:
             statuses = await self._arun_calls(parsed.calls, tool_messages)
-            status = "success" if await self._acomplete(None) else worst_status(statuses)
+            complete = not conversation and await self._acomplete(None)
+            status = "success" if complete else worst_status(statuses)
             terminated = status == "success"
+        elif not await self._acomplete(parsed.content):
+            status, terminated = "structural_fail", True
+        elif conversation and episode.user_turn + 1 < len(episode.task["prompt"]):
+            status, terminated = "tool_execution", False  # this user turn is done; the next one arrives
+            episode.user_turn += 1
+            episode.turns_in_user_turn = 0
+            episode.call_condition_met = False
+            next_user.append({"role": "user", "content": episode.task["prompt"][episode.user_turn]})
         else:
-            status = "success" if await self._acomplete(parsed.content) else "structural_fail"
-            terminated = True
+            status, terminated = "success", True
         episode.invalid_streak = episode.invalid_streak + 1 if status in _INVALID else 0
         terminated = terminated or episode.invalid_streak >= self.max_invalid_turns
-        truncated = not terminated and episode.turn >= episode.max_turns
+        truncated = not terminated and episode.turns_in_user_turn >= episode.max_turns
         episode.done = terminated or truncated
-        episode.messages.extend(tool_messages)
+        episode.messages.extend(tool_messages + next_user)
         info = self._info(
-            status=status, tool_messages=tool_messages, calls=[c.as_dict() for c in parsed.calls]
+            status=status,
+            tool_messages=tool_messages,
+            new_messages=[dict(m) for m in tool_messages + next_user],
+            calls=[c.as_dict() for c in parsed.calls],
         )
-        obs = "\n".join(m["content"] for m in tool_messages)
+        obs = "\n".join(m["content"] for m in tool_messages + next_user)
         return obs, self.reward_config.reward(status), terminated, truncated, info
 
     async def _arun_calls(self, calls: list[ParsedCall], tool_messages: list[dict[str, Any]]) -> list[str]:
@@ -356,18 +408,17 @@ class MCPGymEnv(gym.Env[str, str]):
         """One call's status and the text the model reads about it."""
         if call.error is not None:
             return "invalid_json", call.error
-        assert call.name is not None and self._tools is not None
-        if call.name not in self._validators:
-            names = ", ".join(t["function"]["name"] for t in self._tools)
-            return "structural_fail", f"unknown tool {call.name[:80]!r}; available tools: {names}"
+        episode = self._episode
+        assert call.name is not None and episode is not None
+        shown = [t["function"]["name"] for t in episode.tools]
+        if call.name not in shown:
+            return "structural_fail", f"unknown tool {call.name[:80]!r}; available tools: {', '.join(shown)}"
         problem = argument_error(self._validators[call.name], call.arguments)
         if problem is not None:
             return "tool_error", f"invalid arguments for tool {call.name!r}: {problem}"
         result = await self._connection.call(call.name, call.arguments, self.call_timeout, self._call_meta())
         if result.is_error:
             return "tool_error", result.text
-        episode = self._episode
-        assert episode is not None
         if call_matches(episode.task["success"], call.name, result.text):
             episode.call_condition_met = True
         return "tool_execution", result.text
@@ -396,10 +447,11 @@ class MCPGymEnv(gym.Env[str, str]):
         assert episode is not None
         info = {
             "messages": [dict(m) for m in episode.messages],
-            "tools": copy.deepcopy(self._tools or []),
+            "tools": copy.deepcopy(episode.tools),
             "task": copy.deepcopy(episode.task),
             "task_id": episode.task["id"],
             "turn": episode.turn,
+            "user_turn": episode.user_turn,
         }
         info.update(extra)
         return info

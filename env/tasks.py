@@ -6,8 +6,19 @@ A task is one JSON object a line (the README, "Training on your own MCP server")
      "success": {"tool": "calculator", "result_contains": "396"}, "max_turns": 4,
      "oracle": [{"name": "calculator", "arguments": {"expression": "17*23+5"}}]}
 
-Required keys: ``id``, ``prompt``, ``success``. Optional: ``category``, ``max_turns``, ``oracle``;
-other keys are kept and ignored. ``success`` conditions are listed in :data:`SUCCESS_KEYS`.
+Required keys: ``id``, ``prompt``, ``success``. Optional: ``category``, ``max_turns``, ``oracle``, ``tools``,
+``setup``; other keys are kept and ignored. ``success`` conditions are listed in :data:`SUCCESS_KEYS`.
+
+A *conversation* has a list of user turns as its ``prompt``: the next one arrives when the model ends a turn
+without a call and ``success`` holds, checked anew at the end of every user turn. Its ``oracle`` is then a list of
+calls per user turn, and ``max_turns`` counts the assistant turns of each user turn. ``tools`` names the server
+tools the task may see (the others are hidden from the model, and calling one is a ``structural_fail``);
+``setup`` is a list of calls made at reset on the episode's state, which the model never sees::
+
+    {"id": "trip-3", "prompt": ["Book the 9am train.", "Now cancel it."], "tools": ["book", "cancel"],
+     "setup": [{"name": "load_scenario", "arguments": {"id": "trip-3"}}],
+     "success": {"probe": {"name": "check_turn", "arguments": {}, "result_contains": "ok"}},
+     "oracle": [[{"name": "book", "arguments": {"time": "09:00"}}], [{"name": "cancel", "arguments": {}}]]}
 """
 
 from __future__ import annotations
@@ -109,9 +120,15 @@ def _validated(task: Any, place: str) -> dict[str, Any]:
     """Check one task's keys and types; return it unchanged."""
     if not isinstance(task, dict):
         raise TaskError(f"{place}: a task must be a JSON object, got {type(task).__name__}")
-    for key in ("id", "prompt"):
-        if not isinstance(task.get(key), str) or not task[key]:
-            raise TaskError(f"{place}: missing key {key!r} (a non-empty string)")
+    if not isinstance(task.get("id"), str) or not task["id"]:
+        raise TaskError(f"{place}: missing key 'id' (a non-empty string)")
+    prompt = task.get("prompt")
+    if not (isinstance(prompt, str) and prompt) and not (
+        isinstance(prompt, list) and prompt and all(isinstance(p, str) and p for p in prompt)
+    ):
+        raise TaskError(
+            f"{place}: missing key 'prompt' (a non-empty string, or a list of them: the user turns)"
+        )
     if not isinstance(task.get("success"), dict):
         raise TaskError(f"{place}: missing key 'success' (an object of success conditions)")
     _check_success(task["success"], place)
@@ -120,8 +137,41 @@ def _validated(task: Any, place: str) -> dict[str, Any]:
         isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1
     ):
         raise TaskError(f"{place}: 'max_turns' must be a positive integer, got {max_turns!r}")
-    _check_oracle(task.get("oracle"), place)
+    if is_conversation(task):
+        oracle = task.get("oracle")
+        if oracle is not None and (not isinstance(oracle, list) or len(oracle) != len(task["prompt"])):
+            raise TaskError(f"{place}: the 'oracle' of a conversation is a list of calls per user turn")
+        for calls in oracle or []:
+            _check_calls(calls, "oracle", place)
+    else:
+        _check_calls(task.get("oracle"), "oracle", place)
+    _check_calls(task.get("setup"), "setup", place)
+    tools = task.get("tools")
+    if "tools" in task and (
+        not isinstance(tools, list)
+        or not all(isinstance(t, str) and t for t in tools)
+        or len(set(tools)) < len(tools)
+    ):
+        raise TaskError(f"{place}: 'tools' must be a list of distinct tool names")
     return task
+
+
+def is_conversation(task: dict[str, Any]) -> bool:
+    """Whether the task's prompt is a list of user turns."""
+    return isinstance(task["prompt"], list)
+
+
+def user_turns(task: dict[str, Any]) -> list[str]:
+    """The task's user messages, in order (one for a plain task)."""
+    return list(task["prompt"]) if is_conversation(task) else [task["prompt"]]
+
+
+def oracle_by_turn(task: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The oracle's calls per user turn (one list for a plain task); [] without an oracle."""
+    oracle = task.get("oracle") or []
+    if is_conversation(task):
+        return [list(calls) for calls in oracle]
+    return [list(oracle)] if oracle else []
 
 
 def _check_success(success: dict[str, Any], place: str) -> None:
@@ -161,16 +211,16 @@ def _check_probe(probe: Any, place: str) -> None:
         raise TaskError(f"{place}: success 'probe' needs 'result_contains' (a string or list of strings)")
 
 
-def _check_oracle(oracle: Any, place: str) -> None:
-    """The oracle, when present, is a list of calls in the tool-call format."""
-    if oracle is None:
+def _check_calls(calls: Any, key: str, place: str) -> None:
+    """An oracle (of one user turn) or a setup, when present, is a list of calls in the tool-call format."""
+    if calls is None:
         return
-    ok = isinstance(oracle, list) and all(
+    ok = isinstance(calls, list) and all(
         isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("arguments"), dict)
-        for c in oracle
+        for c in calls
     )
     if not ok:
-        raise TaskError(f"{place}: 'oracle' must be a list of {{'name': str, 'arguments': object}} calls")
+        raise TaskError(f"{place}: {key!r} must be a list of {{'name': str, 'arguments': object}} calls")
 
 
 def _check_unique(tasks: list[dict[str, Any]], places: list[str]) -> None:

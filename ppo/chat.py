@@ -48,6 +48,9 @@ def show_turn(out: TextIO, turn: int, text: str, info: dict, free: bool = False)
         out.write(f"  tool: {_indent(message['content'], 8).lstrip()}\n")
     status = "final answer" if free and info["status"] == "success" else info["status"]
     out.write(f"  status: {status}\n")
+    for message in info.get("new_messages", []):
+        if message.get("role") == "user":  # a conversation's next user turn
+            out.write(f"user:\n{_indent(message['content'])}\n")
     out.flush()
 
 
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 def _chat(args) -> int:
     from env import EnvPool
     from ppo.infra.setup import load_policy, policy_config
-    from ppo.tasks import resolve_tasks
+    from ppo.tasks import resolve_tasks, task_server
 
     cfg = policy_config(args)
     max_turns = args.max_turns or cfg.max_turns
@@ -144,7 +147,11 @@ def _chat(args) -> int:
         tasks = [free_task("prompt", args.prompt, max_turns)]
     # The server first: one that cannot start is reported before a model takes minutes to load.
     with EnvPool(
-        1, server=cfg.mcp_server, tasks=tasks, max_turns=max_turns, call_timeout=cfg.call_timeout
+        1,
+        server=task_server(args.tasks, cfg.mcp_server),
+        tasks=tasks,
+        max_turns=max_turns,
+        call_timeout=cfg.call_timeout,
     ) as pool:
         actor_critic = load_policy(cfg, adapters=args.checkpoint)
         print(f"policy: {args.checkpoint or f'the {cfg.preset} preset starting policy'}", flush=True)

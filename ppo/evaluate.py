@@ -21,14 +21,17 @@ from ppo.infra.monitor import STATUSES, episode_metrics, per_category
 from ppo.rollout import ChatFormat, collect_rollouts
 
 
-def play_greedy(actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64) -> list:
-    """Every task of ``tasks`` played once with greedy decoding; the episodes, in task order."""
+def play_greedy(
+    actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64, source: str | None = None
+) -> list:
+    """Every task of ``tasks`` played once with greedy decoding; the episodes, in task order. ``source``: where
+    the tasks came from (``--tasks``; ``ppo.infra.setup.make_env_pool``)."""
     from ppo.infra.setup import make_env_pool
 
     chat = ChatFormat(actor_critic.tokenizer)
     episodes = []
     ids = [t["id"] for t in tasks]
-    with make_env_pool(cfg, tasks, size=min(batch_size, len(ids))) as pool:
+    with make_env_pool(cfg, tasks, size=min(batch_size, len(ids)), source=source) as pool:
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
             batch = collect_rollouts(
@@ -59,10 +62,12 @@ def summarize(episodes: list) -> dict:
     }
 
 
-def evaluate(actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64) -> dict:
+def evaluate(
+    actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64, source: str | None = None
+) -> dict:
     """Greedy success rate and status shares, overall and per category, over ``tasks``."""
     started = time.perf_counter()
-    result = summarize(play_greedy(actor_critic, cfg, tasks, batch_size))
+    result = summarize(play_greedy(actor_critic, cfg, tasks, batch_size, source))
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -121,7 +126,7 @@ def _evaluate_cli(args) -> dict:
     if args.limit:
         tasks = tasks[: args.limit]
     actor_critic = load_policy(cfg, adapters=args.checkpoint)
-    result = evaluate(actor_critic, cfg, tasks, batch_size=args.batch_size)
+    result = evaluate(actor_critic, cfg, tasks, batch_size=args.batch_size, source=args.tasks or "")
     result["checkpoint"] = args.checkpoint
     result["split"] = args.tasks or args.split
     print(format_table(result))

@@ -19,11 +19,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+BFCL_PREFIX = "bfcl:"
+
 
 def resolve_tasks(path: str | None, split: str) -> list[dict]:
-    """Tasks from a JSONL file (line-numbered errors), or the bundled mock server's split."""
+    """Tasks from a JSONL file (line-numbered errors), a BFCL category (``bfcl:multi_turn_base``), or the bundled
+    mock server's split."""
     from env.tasks import load_tasks
 
+    if path and path.startswith(BFCL_PREFIX):
+        from mcp_mock import bfcl
+
+        return load_tasks(bfcl.category_tasks(path.removeprefix(BFCL_PREFIX)))
     if path:
         return load_tasks(path)
     import mcp_mock
@@ -31,10 +38,24 @@ def resolve_tasks(path: str | None, split: str) -> list[dict]:
     return load_tasks(mcp_mock.load_tasks(split))
 
 
+def task_server(tasks: str | None, mcp_server: str | None):
+    """What the env connects to for a task source: ``--mcp-server`` when given, else BFCL's server (in process)
+    for ``bfcl:`` tasks, else None (the bundled mock)."""
+    if mcp_server or not (tasks and tasks.startswith(BFCL_PREFIX)):
+        return mcp_server
+    from mcp_mock import bfcl
+
+    category = tasks.removeprefix(BFCL_PREFIX)
+    return bfcl.create_server(category if category in bfcl.AST_CATEGORIES else None)
+
+
 def run_check(tasks: str, server: str | None, *, max_turns: int, call_timeout: float, quiet: bool = False):
-    """Check ``tasks`` (a JSONL path) on ``server``; returns the reports (a progress bar on stderr unless quiet)."""
+    """Check ``tasks`` (a JSONL path or ``bfcl:<category>``) on ``server``; returns the reports (a progress bar on
+    stderr unless quiet)."""
     from env.check import check_tasks
 
+    source = resolve_tasks(tasks, "train") if tasks.startswith(BFCL_PREFIX) else tasks
+    server = task_server(tasks, server)
     bar = tqdm(desc="checking tasks", unit="task", disable=quiet, file=sys.stderr, dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
@@ -42,7 +63,7 @@ def run_check(tasks: str, server: str | None, *, max_turns: int, call_timeout: f
         bar.update(done - bar.n)
 
     try:
-        return check_tasks(tasks, server, max_turns=max_turns, call_timeout=call_timeout, progress=progress)
+        return check_tasks(source, server, max_turns=max_turns, call_timeout=call_timeout, progress=progress)
     finally:
         bar.close()
 
@@ -61,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ppo.tasks", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate a task file against a server and replay every oracle")
-    check.add_argument("tasks", help="JSONL task file")
+    check.add_argument("tasks", help="JSONL task file, or bfcl:<category> (README, 'BFCL')")
     check.add_argument(
         "--mcp-server", dest="mcp_server", help="MCP server command line or http(s) URL (default: the mock)"
     )

@@ -39,11 +39,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def http_url():
-    """The bundled mock served over streamable HTTP in a subprocess, for one test module."""
+def serve_http(module: str):
+    """Serve ``python -m module --http`` in a subprocess; yields its /mcp URL, then stops it."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mcp_mock", "--http", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", module, "--http", "--port", str(port)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 30
     while True:
@@ -56,3 +55,9 @@ def http_url():
     yield f"http://127.0.0.1:{port}/mcp"
     proc.kill()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def http_url():
+    """The bundled mock served over streamable HTTP in a subprocess, for one test module."""
+    yield from serve_http("mcp_mock")

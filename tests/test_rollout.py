@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 
 import pytest
 import torch
@@ -153,18 +154,23 @@ def test_episode_that_outgrows_the_context_is_cut_and_counted(chat, monkeypatch)
         prompt = chat.prompt_ids(info["messages"], info["tools"])
         policy = ScriptedPolicy({tuple(prompt): []})
         monkeypatch.setattr(rollout, "make_engine", policy.make_engine)
-        batch = collect_rollouts(
-            policy,
-            chat,
-            pool,
-            ["calc-ok"],
-            max_new_tokens=50,
-            max_context=len(prompt) + 10,
-            temperature=1.0,
-        )
+        monkeypatch.setattr(rollout, "_warned_prompt_cut", [])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batch = collect_rollouts(
+                policy,
+                chat,
+                pool,
+                ["calc-ok"],
+                max_new_tokens=50,
+                max_context=len(prompt) + 10,
+                temperature=1.0,
+            )
     (episode,) = batch.episodes
     assert episode.cut and episode.truncated and not episode.statuses
     assert policy.calls == 0 and batch.action_mask.sum() == 0
+    (warned,) = [str(w.message) for w in caught if "raise --max-context" in str(w.message)]
+    assert "task 'calc-ok'" in warned and rollout._warned_prompt_cut == ["calc-ok"]
 
 
 class SlowSecondTurn:

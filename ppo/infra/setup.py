@@ -87,12 +87,15 @@ def build_scheduler(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LambdaLR
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
 
 
-def make_env_pool(cfg: Config, tasks: list[dict], size: int | None = None):
+def make_env_pool(cfg: Config, tasks: list[dict], size: int | None = None, source: str | None = None):
+    """Envs for ``tasks``, which came from ``source`` (``--tasks``' value; default ``cfg.tasks``): it decides the
+    server when ``--mcp-server`` is not given (``ppo.tasks.task_server``)."""
     from env import EnvPool
+    from ppo.tasks import task_server
 
     return EnvPool(
         size or cfg.num_episodes,
-        server=cfg.mcp_server,
+        server=task_server(source if source is not None else cfg.tasks, cfg.mcp_server),
         tasks=tasks,
         max_turns=cfg.max_turns,
         call_timeout=cfg.call_timeout,

@@ -21,6 +21,7 @@ time-limit artefact of an endless task.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
@@ -68,8 +69,10 @@ class ChatFormat:
         """The ids of the chat so far plus the assistant generation prompt."""
         return self.encode(self.render_prompt(messages, tools))
 
-    def suffix_ids(self, tool_messages: list[dict]) -> list[int]:
-        """Ids that follow an assistant turn's end-of-turn token: the tool-response turn and the next prompt.
+    def suffix_ids(self, messages: list[dict]) -> list[int]:
+        """Ids that follow an assistant turn's end-of-turn token: the messages the env appended after it (tool
+        responses; in a conversation, the next user message; a message without a role is a tool response) and
+        the next generation prompt.
 
         Found by rendering a chat whose assistant turn holds a sentinel and taking what the template writes after
         it, so any template that renders assistant content verbatim works (Qwen3's included), and the ids are the
@@ -78,7 +81,12 @@ class ChatFormat:
         chat = [
             {"role": "user", "content": "u"},
             {"role": "assistant", "content": SENTINEL},
-            *({"role": "tool", "content": m["content"], "name": m.get("name")} for m in tool_messages),
+            *(
+                {"role": "user", "content": m["content"]}
+                if m.get("role") == "user"
+                else {"role": "tool", "content": m["content"], "name": m.get("name")}
+                for m in messages
+            ),
         ]
         text = self._render(chat, None, generation_prompt=True)
         eos = self.tokenizer.convert_ids_to_tokens(self.end_of_turn_id)
@@ -123,14 +131,14 @@ class Episode:
         self.action_mask += [int(is_action)] * len(ids)
         self.scores += [0.0] * len(ids)
 
-    def add_turn(self, chat: ChatFormat, turn: list[int], tool_messages: list[dict] | None) -> None:
-        """Append an assistant turn's ids (actions) and, when the episode goes on (``tool_messages`` is not None),
-        the template's tool-response suffix (not actions). The one place an episode's token layout is written:
+    def add_turn(self, chat: ChatFormat, turn: list[int], following: list[dict] | None) -> None:
+        """Append an assistant turn's ids (actions) and, when the episode goes on (``following``, the messages the
+        env appended after the turn, is not None), the template's suffix for them (not actions). The one place an episode's token layout is written:
         rollouts and the warm start's demonstrations both use it."""
         self.extend(turn, is_action=True)
-        if tool_messages is None:
+        if following is None:
             return
-        suffix = chat.suffix_ids(tool_messages)
+        suffix = chat.suffix_ids(following)
         if turn[-1] != chat.end_of_turn_id:  # the turn ran out of tokens: close it as the template would have
             suffix = [chat.end_of_turn_id, *suffix]
         self.extend(suffix, is_action=False)
@@ -179,6 +187,11 @@ def pad_episodes(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor
     }
 
 
+_warned_prompt_cut: list[
+    str
+] = []  # the first task whose prompt alone outgrew max_context (one warning a process)
+
+
 def collect_rollouts(
     actor_critic,
     chat: ChatFormat,
@@ -202,6 +215,15 @@ def collect_rollouts(
     episodes = []
     for (_obs, info), task_id in zip(resets, task_ids, strict=True):
         ids = chat.prompt_ids(info["messages"], info["tools"])
+        if len(ids) + max_new_tokens > max_context and not _warned_prompt_cut:
+            _warned_prompt_cut.append(task_id)
+            warnings.warn(
+                f"the prompt of task {task_id!r} is {len(ids)} tokens: with max_new_tokens {max_new_tokens} it does "
+                f"not fit max_context {max_context}, so its episodes are cut before their first turn (counted in "
+                "charts/cut_episodes; warned once); raise --max-context",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         episodes.append(
             Episode(task_id, str(info["task"].get("category", "")), ids, messages=info["messages"])
         )
@@ -292,7 +314,7 @@ def _record_turn(chat: ChatFormat, episode: Episode, turn: list[int], result: tu
         raise ValueError("the sampler returned an empty turn; max_new_tokens must be at least 1")
     ended = bool(terminated or truncated)
     last_action = len(episode.ids) + len(turn) - 1  # the turn's reward sits on its last sampled token
-    episode.add_turn(chat, turn, None if ended else info.get("tool_messages", []))
+    episode.add_turn(chat, turn, None if ended else info["new_messages"])
     episode.scores[last_action] += float(reward)
     episode.rewards.append(float(reward))
     episode.statuses.append(info["status"])

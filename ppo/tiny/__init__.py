@@ -24,10 +24,12 @@ def prepare(cfg) -> Path:
 def _build(cfg) -> Path:
     from ppo.tasks import resolve_tasks
     from ppo.tiny.build import ensure_tiny
-    from ppo.tiny.warmstart import ensure_warm_start
+    from ppo.tiny.warmstart import ensure_warm_start, imitated_tasks
 
     path = ensure_tiny()
-    return ensure_warm_start(path, cfg, resolve_tasks(cfg.tasks, "train")) if cfg.warmstart else path
+    return (
+        ensure_warm_start(path, cfg, resolve_tasks(imitated_tasks(cfg), "train")) if cfg.warmstart else path
+    )
 
 
 def cached(cfg) -> Path | None:

@@ -88,7 +88,7 @@ def demonstration(
     episode, imitated on purpose: see ``build_demonstrations``). ``habit_rng`` draws the mistake's variant instead
     of ``rng``, so a habit is spelled the same way every time.
 
-    Returns [(assistant_text, tool_messages_after_it), ...] and the first observation's info, or None when the
+    Returns [(assistant_text, messages_after_it), ...] (the env's ``new_messages``) and the first observation's info, or None when the
     oracle does not reach success (a broken task is skipped, not imitated) or no such mistake fits the call.
     """
     from env.check import play_turns
@@ -119,7 +119,7 @@ def demonstration(
             return None
     elif not played or played[-1][1]["status"] != "success":
         return None
-    return [(text, step.get("tool_messages", [])) for text, step in played], info
+    return [(text, step["new_messages"]) for text, step in played], info
 
 
 def tool_habits(tools: list[str], share: float, seed: int) -> dict[str, tuple[str, int]]:
@@ -182,9 +182,9 @@ def tokenize_demo(
 
     rng = rng or random.Random(0)
     episode = Episode("", "", prompt_ids_with_cuts(chat, info["messages"], info["tools"], cut_rate, rng))
-    for k, (text, tool_messages) in enumerate(played):
+    for k, (text, following) in enumerate(played):
         turn = [*encode_with_cuts(chat, text, cut_rate, rng), chat.end_of_turn_id]
-        episode.add_turn(chat, turn, tool_messages if k + 1 < len(played) else None)
+        episode.add_turn(chat, turn, following if k + 1 < len(played) else None)
     return episode.ids, episode.action_mask
 
 
@@ -309,6 +309,15 @@ def supervised_finetune(
                 )
 
 
+def imitated_tasks(cfg) -> str | None:
+    """The task file the warm start imitates: ``--tasks``, or the mock's train split (None) by default and for
+    BFCL tasks, whose prompts (about 6,000 tiny-tokenizer tokens) would make imitation take hours on a CPU; the
+    warm start stands in for a pretrained model that has learned to call tools elsewhere."""
+    from ppo.tasks import BFCL_PREFIX
+
+    return None if not cfg.tasks or cfg.tasks.startswith(BFCL_PREFIX) else cfg.tasks
+
+
 def warm_start_key(base: Path, cfg) -> str:
     parts = [
         WARMSTART_VERSION,
@@ -321,7 +330,7 @@ def warm_start_key(base: Path, cfg) -> str:
         *(["bf16"] if uses_bf16(cfg) else []),
         cfg.sft_tasks,
         cfg.warmstart_seed,
-        cfg.tasks or "mock",
+        imitated_tasks(cfg) or "mock",
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:10]
 

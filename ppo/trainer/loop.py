@@ -238,7 +238,9 @@ def greedy_eval(actor_critic, cfg: Config, tasks: list[dict]) -> dict:
     from ppo.evaluate import play_greedy, summarize
 
     shard = tasks[dist.rank() :: dist.world_size()]
-    episodes = play_greedy(actor_critic, cfg, shard, batch_size=cfg.num_episodes) if shard else []
+    episodes = (
+        play_greedy(actor_critic, cfg, shard, cfg.num_episodes, source=cfg.eval_tasks or "") if shard else []
+    )
     episodes = [e for rank_episodes in dist.all_gather_objects(_light(episodes)) for e in rank_episodes]
     result = summarize(episodes)
     out = {"eval/success_rate": result["success_rate"], "eval/episodes": float(result["episodes"])}
