@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--split", default="test", choices=["train", "val", "test"], help="mock server task split"
     )
-    parser.add_argument("--tasks", help="JSONL task file to evaluate on instead of a mock split")
+    parser.add_argument(
+        "--tasks",
+        help="JSONL task file, or bfcl:<category> (README, 'BFCL'), to evaluate on instead of a mock split",
+    )
     parser.add_argument("--json", help="write the result as JSON to this path")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N tasks (0: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="episodes played at once")
@@ -103,8 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--batch-size must be >= 1, not {args.batch_size}")
     if args.limit < 0:
         parser.error(f"--limit must be >= 0 (0: all tasks), not {args.limit}")
-    if args.max_new_tokens < 0:
-        parser.error(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+    if args.max_new_tokens < 0 or args.max_context < 0:
+        parser.error(
+            f"--max-new-tokens and --max-context must be >= 0, not {args.max_new_tokens}, {args.max_context}"
+        )
     if args.json and Path(args.json).is_dir():
         parser.error(f"--json {args.json} is a folder; give a file path")
     from ppo.infra.setup import input_errors

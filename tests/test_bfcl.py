@@ -202,3 +202,15 @@ def test_train_runs_two_iterations_on_bfcl(small_tiny_dir, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [0, 1]
     assert lines[-1]["charts/episodes"] == 4 and lines[-1]["perf/update_tokens"] > 4 * 2000
+
+
+def test_evaluate_reports_bfcl_categories(small_tiny_dir, tmp_path):
+    from ppo import evaluate
+
+    result = evaluate.main(["--model", str(small_tiny_dir), "--tasks", "bfcl:parallel", "--limit", "3",
+                            "--max-context", "2048", "--max-new-tokens", "8", "--json", str(tmp_path / "r.json")])  # fmt: skip
+    assert (
+        list(result["per_category"]) == ["parallel"] and result["per_category"]["parallel"]["episodes"] == 3
+    )
+    assert result["split"] == "bfcl:parallel"
+    assert json.loads((tmp_path / "r.json").read_text())["episodes"] == 3

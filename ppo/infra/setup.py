@@ -131,12 +131,15 @@ def add_policy_arguments(parser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=0, help="per-turn token limit (default: the config's)"
     )
+    parser.add_argument(
+        "--max-context", type=int, default=0, help="episode token limit (default: the config's)"
+    )
 
 
 def policy_config(args) -> Config:
     """The config of a command that plays a policy (``ppo.evaluate``, ``ppo.chat``): the run's own config with
     ``--checkpoint`` (``args.checkpoint`` becomes the checkpoint folder), else ``--preset``'s; ``--model``,
-    ``--mcp-server``, ``--device`` and ``--max-new-tokens`` override it when given."""
+    ``--mcp-server``, ``--device``, ``--max-new-tokens`` and ``--max-context`` override it when given."""
     import dataclasses
 
     from ppo.infra.config import PRESETS, from_dict
@@ -154,5 +157,7 @@ def policy_config(args) -> Config:
             setattr(cfg, name, getattr(args, name))
     if args.max_new_tokens:
         cfg.max_new_tokens = args.max_new_tokens
+    if getattr(args, "max_context", 0):
+        cfg.max_context = args.max_context
     cfg.validate()  # the overrides may not fit the rest (e.g. --max-new-tokens beyond the context)
     return cfg
