@@ -245,3 +245,42 @@ def test_train_pool_draws_only_the_first_tasks_again_and_again(small_tiny_dir, t
     seen = [task for batch in train_seeing_task_ids(cfg) for task in batch]
     first_two = {t["id"] for t in resolve_tasks(None, "train")[:2]}
     assert len(seen) == 8 and set(seen) == first_two  # 4 episodes an iteration, each pool task drawn 4 times
+
+
+def _sampled_batch(actor_critic, cfg, n=6):
+    """``n`` episodes sampled from the small model: rows of different lengths."""
+    chat = ChatFormat(actor_critic.tokenizer)
+    tasks = resolve_tasks(None, "train")[:n]
+    with make_env_pool(cfg, tasks, size=n) as pool:
+        return collect_rollouts(actor_critic, chat, pool, [t["id"] for t in tasks], max_new_tokens=24,
+                                max_context=1024, engine="loop", temperature=1.0)  # fmt: skip
+
+
+def test_length_sorted_micro_batches_change_neither_scores_nor_the_gradient(small_tiny_dir, tmp_path):
+    """Scoring and the update cut micro-batches from rows sorted by length; each row's scores come back in its
+    place, and a minibatch's gradient is the one of a single pass over all its rows."""
+    cfg = small_config(small_tiny_dir, tmp_path, num_episodes=6, minibatch_size=6, micro_batch_size=6)
+    torch.manual_seed(0)
+    actor_critic = load_policy(cfg)
+    batch = _sampled_batch(actor_critic, cfg)
+    lengths = batch.attention_mask.sum(1)
+    assert len(set(lengths.tolist())) > 2 and not torch.equal(
+        update.by_length(torch.arange(6), batch.attention_mask), torch.arange(6)
+    )
+    whole = update.score_rollouts(actor_critic, batch, 6, 1.0)
+    for micro in (1, 4):
+        parts = update.score_rollouts(actor_critic, batch, micro, 1.0)
+        for key in ("old_logprobs", "ref_logprobs", "old_values"):
+            torch.testing.assert_close(getattr(parts, key), getattr(whole, key), atol=2e-5, rtol=1e-4)
+    targets = update.compute_advantages(batch, whole, cfg, 0.05)
+    params = actor_critic.policy_parameters() + actor_critic.critic_parameters()
+    grads = {}
+    for micro in (6, 4, 1):
+        cfg.micro_batch_size = micro
+        optimizer = torch.optim.SGD(params, lr=0.0)  # the gradient is left on the parameters; nothing moves
+        update.ppo_update(actor_critic, optimizer, batch, targets, cfg, torch.Generator().manual_seed(0))
+        grads[micro] = [p.grad.clone() for p in params]
+    assert sum(float(g.abs().sum()) for g in grads[6]) > 0
+    for micro in (4, 1):
+        for a, b in zip(grads[micro], grads[6], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

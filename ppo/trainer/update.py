@@ -37,12 +37,22 @@ class Targets(Scores):
     returns: torch.Tensor
 
 
+def by_length(rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``rows`` longest first, so that the micro-batches cut from them pad each row only to rows of about its length
+    (the shared prefix is computed once, and padding the rest to a random micro-batch's longest row cost about
+    as much as the rows themselves)."""
+    lengths = attention_mask[rows].sum(dim=1)
+    return rows[torch.argsort(lengths, descending=True, stable=True)]
+
+
 @torch.no_grad()
 def score_rollouts(actor_critic, batch: RolloutBatch, micro_batch_size: int, temperature: float) -> Scores:
-    """Old log-probs, reference log-probs and values of every token, micro-batch by micro-batch. (B, T) each."""
+    """Old log-probs, reference log-probs and values of every token, micro-batch by micro-batch (rows of about one
+    length together), returned in the batch's row order. (B, T) each."""
     out = {"old_logprobs": [], "ref_logprobs": [], "old_values": []}
     device = next(actor_critic.model.parameters()).device
-    for rows in torch.arange(len(batch)).split(micro_batch_size):
+    order = by_length(torch.arange(len(batch)), batch.attention_mask)
+    for rows in order.split(micro_batch_size):
         ids, attn = (t.to(device) for t in _trimmed(batch.input_ids[rows], batch.attention_mask[rows]))
         out["old_logprobs"].append(
             actor_critic.score(ids, attn, temperature=temperature, role="policy")["logprobs"]
@@ -52,7 +62,10 @@ def score_rollouts(actor_critic, batch: RolloutBatch, micro_batch_size: int, tem
         )
         out["old_values"].append(actor_critic.values(ids, attn))
     width = batch.input_ids.shape[1]
-    return Scores(**{k: torch.cat([_pad_to(t.float().cpu(), width) for t in v]) for k, v in out.items()})
+    inverse = torch.argsort(order)
+    return Scores(
+        **{k: torch.cat([_pad_to(t.float().cpu(), width) for t in v])[inverse] for k, v in out.items()}
+    )
 
 
 def ppo_update(
@@ -81,7 +94,8 @@ def ppo_update(
             if n_action == 0:
                 continue
             optimizer.zero_grad(set_to_none=True)
-            for rows in minibatch.split(cfg.micro_batch_size):
+            # Which rows share a micro-batch changes only the summation order of the minibatch's gradient.
+            for rows in by_length(minibatch, batch.attention_mask).split(cfg.micro_batch_size):
                 stats, weight, n_tok = _micro_step(
                     actor_critic, batch, targets, rows, cfg, n_action, device, train_policy
                 )
