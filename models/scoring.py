@@ -10,7 +10,6 @@ predecessor is padding (with left padding the first real token has no context, e
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -26,25 +25,68 @@ def scored_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return real & prev
 
 
-def _chunk_stats(
+def _chunk_forward(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     temperature: float,
     with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of `targets` and entropy under softmax(lm_head(hidden) / temperature), fp32.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-prob of `targets`, entropy and log-sum-exp under softmax(lm_head(hidden) / temperature), fp32.
 
-    hidden (B, C, H), targets (B, C) -> two (B, C) tensors (the entropy is zeros when not asked for).
+    hidden (B, C, H), targets (B, C) -> three (B, C) tensors (the entropy is zeros when not asked for). With
+    z = logits / temperature and m = logsumexp(z): log p(y) = z_y - m, H = m - sum_i p_i z_i.
     """
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature  # (B, C, V)
-    logp = torch.log_softmax(logits, dim=-1)
-    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, C)
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()  # (B, C, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)  # (B, C)
+    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     if not with_entropy:
-        return token_logp, torch.zeros_like(token_logp)
-    entropy = -(logp.exp() * logp).sum(-1)  # (B, C)
-    return token_logp, entropy
+        return token_logp, torch.zeros_like(token_logp), lse
+    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return token_logp, entropy, lse
+
+
+class _ChunkStats(torch.autograd.Function):
+    """``_chunk_forward`` with a closed-form backward, so no (B, C, V) tensor outlives either pass.
+
+    Forward keeps only the inputs and two (B, C) tensors; backward recomputes the chunk's logits (one matmul) and
+    forms their gradient at once instead of through autograd's chain of vocabulary-sized intermediates:
+    d log p(y) / dz_j = [j = y] - p_j and dH / dz_j = -p_j (log p_j + H) (z = logits / temperature).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy):
+        token_logp, entropy, lse = _chunk_forward(hidden, targets, weight, bias, temperature, with_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        return token_logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        if ctx.temperature != 1.0:
+            logits = logits / ctx.temperature
+        logp = logits.sub_(lse.unsqueeze(-1))  # (B, C, V), in place: the fewest vocabulary-sized passes
+        p = logp.exp()
+        if ctx.with_entropy:
+            # -g_lp p_j - g_H p_j (log p_j + H) = p_j (c - g_H log p_j) with c = -(g_lp + g_H H)
+            coef = (grad_logp + grad_entropy * entropy).neg_().unsqueeze(-1)
+            grad_z = logp.mul_(grad_entropy.neg().unsqueeze(-1)).add_(coef).mul_(p)
+        else:
+            grad_z = p.mul_(grad_logp.neg().unsqueeze(-1))
+        grad_z.scatter_add_(-1, targets.unsqueeze(-1), grad_logp.unsqueeze(-1))
+        if ctx.temperature != 1.0:
+            grad_z.div_(ctx.temperature)
+        grad_z = grad_z.to(hidden.dtype)  # what the logits' .float() passes back to the matmul
+        grad_hidden = grad_z @ weight if ctx.needs_input_grad[0] else None
+        flat_z = grad_z.flatten(0, 1)
+        grad_weight = flat_z.T @ hidden.flatten(0, 1) if ctx.needs_input_grad[1] else None
+        grad_bias = flat_z.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def token_logprobs(
@@ -60,7 +102,7 @@ def token_logprobs(
     """Return {"logprobs": (B, T)} (and "entropy": (B, T)) aligned to `input_ids`, see module docstring.
 
     hidden (B, T, H) are the final hidden states. The (B, C, V) fp32 logits of one chunk exist at a time;
-    under autograd each chunk is checkpointed, so backward recomputes it instead of keeping all of them.
+    under autograd each chunk's backward recomputes its logits (``_ChunkStats``) instead of keeping them.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive to score tokens, got {temperature}.")
@@ -73,8 +115,10 @@ def token_logprobs(
     for start in range(0, T - 1, chunk_size):
         stop = min(start + chunk_size, T - 1)
         h, y = hidden[:, start:stop], input_ids[:, start + 1 : stop + 1]  # logits at t-1 predict t
-        args = (h, y, weight, bias, temperature, with_entropy)
-        lp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False) if grad else _chunk_stats(*args)
+        if grad:
+            lp, ent = _ChunkStats.apply(h, weight, bias, y, temperature, with_entropy)
+        else:
+            lp, ent, _ = _chunk_forward(h, y, weight, bias, temperature, with_entropy)
         lp_parts.append(lp)
         ent_parts.append(ent)
     zero = hidden.new_zeros((B, 1), dtype=torch.float32)
