@@ -70,6 +70,10 @@ def test_every_cpu_measurement_ran(quick_results):
             assert _positive(section["rollout"][engine]["tokens_per_s"]), engine
             assert section["rollout"][engine]["tokens"] > 0
         assert _positive(section["update"]["tokens_per_s"])
+    trainer = quick_results["cpu"]["tiny"]["trainer_update"]  # the trainer's own update, tiny model only
+    assert "error" not in trainer and trainer["episodes"] == 8, trainer
+    assert _positive(trainer["ppo_epochs_tokens_per_s"]) and _positive(trainer["scoring_s"])
+    assert _positive(quick_results["cpu"]["tiny"]["trainer_update_vs_per_episode"])
     memory = quick_results["cpu"]["memory"]
     for layout in ("policy_alone", "trainer", "three_copies"):
         assert memory[layout]["tensor_bytes"] > 0

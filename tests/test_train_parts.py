@@ -314,3 +314,20 @@ def test_bf16_warm_start_loss_is_the_fp32_loss_to_bf16_precision(small_tiny_dir)
         bf16 = sft_loss(model, ids, attn, labels)
     assert bf16.dtype == torch.float32 and abs(bf16.item() - fp32.item()) < 0.02 * fp32.item()
     assert bf16.item() != fp32.item()  # the matmuls did run in bf16
+
+
+def test_the_warm_start_is_built_in_a_process_of_its_own_and_then_cached(tmp_path, monkeypatch):
+    import subprocess
+
+    import ppo.tiny
+    from ppo.infra.config import parse_args
+
+    monkeypatch.setenv("QWEN_TOOL_CACHE", str(tmp_path))
+    cfg = parse_args(["--preset", "tiny", "--sft-epochs", "1", "--sft-tasks", "8"])
+    calls = []
+    run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or run(cmd, **kw))
+    folder = ppo.tiny.prepare(cfg)
+    assert (folder / "config.json").is_file() and folder.name.startswith("tiny-") and "-warm-" in folder.name
+    assert len(calls) == 1 and calls[0][1:3] == ["-m", "ppo.tiny.warmstart"]
+    assert ppo.tiny.prepare(cfg) == folder and len(calls) == 1  # cached: no second process

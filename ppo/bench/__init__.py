@@ -42,16 +42,29 @@ from ppo.bench.measure import (
     random_contexts,
     rollout_throughput,
     tensor_bytes,
+    trainer_update_throughput,
     update_throughput,
 )
 
 __all__ = ["main", "tensor_bytes"]
 
 
+TINY_EPISODES = {"episodes": 64, "prefix": 300, "suffix": (20, 280)}
+
+
 def cpu_model_section(
-    rec: Recorder, path: Path, *, episodes: int, prompt: int, new_tokens: int, quick: bool
+    rec: Recorder,
+    path: Path,
+    *,
+    episodes: int,
+    prompt: int,
+    new_tokens: int,
+    quick: bool,
+    trainer_update: bool = False,
 ) -> dict[str, Any]:
-    """Rollout and update throughput of one model on the CPU."""
+    """Rollout and update throughput of one model on the CPU; ``trainer_update``: also the trainer's own update of
+    a batch shaped like the default run's (``trainer_update_vs_per_episode`` puts it against the same yardstick as
+    the rollout: per-episode generation, which nothing of ours changes)."""
     ac = load(path, device="cpu")
     contexts = random_contexts(episodes, prompt, ac.config.vocab_size)
     out: dict[str, Any] = {"parameters": parameter_count(ac.model.get_base_model())}
@@ -63,6 +76,13 @@ def cpu_model_section(
         out["rollout_speedup_loop_vs_per_episode"] = roll["batched_merged"]["tokens_per_s"] / baseline
     batch, length = (4, 32) if quick else (8, 128)
     rec.attempt(out, "update", lambda: update_throughput(ac, make_optimizer(ac), batch, length, micro=4))
+    if trainer_update:
+        # The default run's shape on the tiny preset: 64 episodes, a 300-token shared prefix, 20-280 tokens after.
+        shape = {"episodes": 8, "prefix": 24, "suffix": (4, 24)} if quick else TINY_EPISODES
+        pad = ac.tokenizer.pad_token_id
+        up = rec.attempt(out, "trainer_update", lambda: trainer_update_throughput(ac, pad, **shape))
+        if "per_episode_hf_generate" in roll and "ppo_epochs_tokens_per_s" in up:
+            out["trainer_update_vs_per_episode"] = up["ppo_epochs_tokens_per_s"] / baseline
     return out
 
 
@@ -86,7 +106,7 @@ def run_cpu(rec: Recorder, workdir: Path, quick: bool) -> None:
     results = rec.results
     cpu = results.setdefault("cpu", {})
     sizes = {"episodes": episodes, "prompt": prompt, "new_tokens": new_tokens, "quick": quick}
-    rec.attempt(cpu, "tiny", lambda: cpu_model_section(rec, tiny, **sizes))
+    rec.attempt(cpu, "tiny", lambda: cpu_model_section(rec, tiny, **sizes, trainer_update=True))
     quick_shape = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256, "vocab_size": 1024}
     shape = {**MID_SHAPE, **quick_shape} if quick else MID_SHAPE
     log(f"cpu: mid-size model {shape}")

@@ -324,6 +324,55 @@ def update_throughput(ac, optimizer, batch: int, length: int, micro: int, steps:
     return {"batch": batch, "length": length, "micro_batch": micro, "tokens_per_s": tokens / seconds}
 
 
+def episode_batch(
+    vocab: int, pad_id: int, *, episodes: int, prefix: int, suffix: tuple[int, int], seed: int = 0
+):
+    """A ``RolloutBatch`` shaped like the tiny default's: one prefix every episode shares (the system turn with the
+    tools), then a suffix of random length whose second half are actions, one reward on the last token."""
+    from ppo.rollout import RolloutBatch
+    from ppo.rollout.episodes import Episode, pad_episodes
+
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(10, vocab, (prefix,), generator=g).tolist()
+    rows = []
+    for _ in range(episodes):
+        n = int(torch.randint(suffix[0], suffix[1] + 1, (1,), generator=g))
+        e = Episode("bench", "", shared + torch.randint(10, vocab, (n,), generator=g).tolist())
+        e.action_mask[prefix + n // 2 :] = [1] * (n - n // 2)
+        e.scores[-1] = float(torch.rand((), generator=g) < 0.5)
+        rows.append(e)
+    return RolloutBatch(**pad_episodes(rows, pad_id), episodes=rows, generated_tokens=0, generation_seconds=0.0,
+                        env_seconds=0.0)  # fmt: skip
+
+
+def trainer_update_throughput(
+    ac, pad_id: int, *, episodes: int, prefix: int, suffix: tuple[int, int]
+) -> dict:
+    """Seconds and real tokens/s of the trainer's own update of one batch (``ppo.trainer.update``: the scoring pass,
+    advantages, then the PPO epochs with the default settings), after a warm-up pass over a few rows."""
+    from ppo.infra.config import Config
+    from ppo.infra.setup import build_optimizer
+    from ppo.trainer import update
+
+    cfg = Config()
+    batch = episode_batch(ac.config.vocab_size, pad_id, episodes=episodes, prefix=prefix, suffix=suffix)
+    optimizer = build_optimizer(cfg, ac)
+    update.score_rollouts(ac, batch, cfg.micro_batch_size, cfg.temperature)  # warm-up
+    scores, scoring_s = timed(lambda: update.score_rollouts(ac, batch, cfg.micro_batch_size, cfg.temperature))
+    targets = update.compute_advantages(batch, scores, cfg, kl_coef=0.02)
+    generator = torch.Generator().manual_seed(0)
+    stats, update_s = timed(lambda: update.ppo_update(ac, optimizer, batch, targets, cfg, generator))
+    tokens = int(batch.attention_mask.sum())
+    log(f"  trainer update: scoring {scoring_s:.2f} s, PPO epochs {update_s:.2f} s over {tokens} tokens")
+    return {
+        "episodes": episodes,
+        "tokens": tokens,
+        "scoring_s": scoring_s,
+        "ppo_epochs_s": update_s,
+        "ppo_epochs_tokens_per_s": stats["perf/update_tokens"] / update_s,
+    }
+
+
 # ----- memory layouts -------------------------------------------------------------------------------------
 
 

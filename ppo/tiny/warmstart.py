@@ -394,3 +394,20 @@ def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
         tokenizer.save_pretrained(folder)
 
     return write_folder_atomically(out, write, keep_existing=True)
+
+
+def _main(argv: list[str]) -> None:
+    """``python -m ppo.tiny.warmstart CONFIG_JSON``: build the warm start of that config (``ppo.tiny`` runs this in a
+    process of its own)."""
+    from ppo.infra.config import from_dict
+    from ppo.tasks import resolve_tasks
+    from ppo.tiny.build import ensure_tiny
+
+    cfg = from_dict(json.loads(argv[0]))
+    ensure_warm_start(ensure_tiny(), cfg, resolve_tasks(imitated_tasks(cfg), "train"))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])
