@@ -134,7 +134,6 @@ def play_turns(
 def replay_oracle(env, task: dict[str, Any]) -> TaskReport:
     """Play the task's oracle, one call a turn, and judge the result."""
     report = TaskReport("", task["id"], str(task.get("category", "")), "solved")
-    turns = oracle_texts(task, env.max_turns)
     if not task.get("oracle"):
         report.verdict = "unchecked"
         report.problems.append("no oracle to replay")
@@ -145,6 +144,7 @@ def replay_oracle(env, task: dict[str, Any]) -> TaskReport:
             "success needs a final answer ('answer_contains'), which an oracle of calls cannot give"
         )
         return report
+    turns = oracle_texts(task, env.max_turns)
     played, _ = play_turns(env, task["id"], turns)
     report.statuses = [info["status"] for _, info in played]
     if played and played[-1][1]["status"] == "success":

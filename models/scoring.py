@@ -25,6 +25,12 @@ def scored_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return real & prev
 
 
+def _scaled_logits(hidden, weight, bias, temperature: float) -> torch.Tensor:
+    """fp32 ``lm_head(hidden) / temperature``, (B, C, V); no division at temperature 1."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
 def _chunk_forward(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -38,9 +44,7 @@ def _chunk_forward(
     hidden (B, C, H), targets (B, C) -> three (B, C) tensors (the entropy is zeros when not asked for). With
     z = logits / temperature and m = logsumexp(z): log p(y) = z_y - m, H = m - sum_i p_i z_i.
     """
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()  # (B, C, V)
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = _scaled_logits(hidden, weight, bias, temperature)  # (B, C, V)
     lse = torch.logsumexp(logits, dim=-1)  # (B, C)
     token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     if not with_entropy:
@@ -67,9 +71,7 @@ class _ChunkStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        logits = torch.nn.functional.linear(hidden, weight, bias).float()
-        if ctx.temperature != 1.0:
-            logits = logits / ctx.temperature
+        logits = _scaled_logits(hidden, weight, bias, ctx.temperature)
         logp = logits.sub_(lse.unsqueeze(-1))  # (B, C, V), in place: the fewest vocabulary-sized passes
         p = logp.exp()
         if ctx.with_entropy:

@@ -110,9 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-turns", type=int, default=0, help="turn limit (default: the config's)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     args = parser.parse_args(argv)
-    for flag in ("max_turns", "max_new_tokens"):
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 0, not {getattr(args, flag)}")
+    if args.max_turns < 0:
+        parser.error(f"--max-turns must be >= 0, not {args.max_turns}")
     if args.temperature < 0:
         parser.error(f"--temperature must be >= 0, not {args.temperature}")
     if args.tasks and not args.task:

@@ -106,10 +106,6 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--batch-size must be >= 1, not {args.batch_size}")
     if args.limit < 0:
         parser.error(f"--limit must be >= 0 (0: all tasks), not {args.limit}")
-    if args.max_new_tokens < 0 or args.max_context < 0:
-        parser.error(
-            f"--max-new-tokens and --max-context must be >= 0, not {args.max_new_tokens}, {args.max_context}"
-        )
     if args.json and Path(args.json).is_dir():
         parser.error(f"--json {args.json} is a folder; give a file path")
     from ppo.infra.setup import input_errors

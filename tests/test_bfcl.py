@@ -18,7 +18,8 @@ pytest.importorskip("bfcl_eval")
 from env import EnvPool, MCPGymEnv
 from env.check import check_tasks
 from mcp_mock import bfcl
-from mcp_mock.bfcl.server import load_state, run_function, verify_turn
+from mcp_mock.bfcl.server import load_state
+from mcp_mock.bfcl.suite import category_of
 
 from .conftest import serve_http
 
@@ -54,7 +55,8 @@ def test_ground_truth_replay_succeeds(category):
 
 
 def _task(entry="multi_turn_base_0"):
-    return copy.deepcopy(next(t for t in bfcl.category_tasks("multi_turn_base") if t["id"] == entry))
+    """A copy of the task of one BFCL entry."""
+    return copy.deepcopy(next(t for t in bfcl.category_tasks(category_of(entry)) if t["id"] == entry))
 
 
 def _with_oracle(task, turn, calls, suffix):
@@ -85,28 +87,20 @@ def test_wrong_call_wrong_argument_and_missing_turn_fail():
 
 def test_the_checker_reports_bfcl_error_types():
     state = load_state("multi_turn_base_0")
-    assert verify_turn(state)["error_type"] == "multi_turn:empty_turn_model_response"  # no call in turn 1
+    assert state.verify()["error_type"] == "multi_turn:empty_turn_model_response"  # no call in turn 1
     state = load_state("multi_turn_base_0")
-    run_function(state, "cd", {"folder": "document"})
-    run_function(state, "mkdir", {"dir_name": "tmp"})
-    assert verify_turn(state)["error_type"] == "multi_turn:instance_state_mismatch"
+    state.run("cd", {"folder": "document"})
+    state.run("mkdir", {"dir_name": "tmp"})
+    assert state.verify()["error_type"] == "multi_turn:instance_state_mismatch"
     state = load_state("multi_turn_base_0")
     for c in _task()["oracle"][0]:
-        text, failed = run_function(state, c["name"], c["arguments"])
+        text, failed = state.run(c["name"], c["arguments"])
         assert not failed, text
-    assert verify_turn(state) == {"valid": True}
-
-
-def _ast_task(entry):
-    return copy.deepcopy(next(t for t in bfcl.category_tasks(bfcl_category(entry)) if t["id"] == entry))
-
-
-def bfcl_category(entry):
-    return entry.rsplit("_", 1)[0]
+    assert state.verify() == {"valid": True}
 
 
 def test_ast_wrong_value_wrong_function_extra_call_and_irrelevance_fail():
-    right = _ast_task("simple_python_0")  # calculate_triangle_area(base=10, height=5)
+    right = _task("simple_python_0")  # calculate_triangle_area(base=10, height=5)
     assert right["oracle"] == [[{"name": "calculate_triangle_area", "arguments": {"base": 10, "height": 5}}]]
     wrong_value = {**copy.deepcopy(right), "id": "wrong-value"}
     wrong_value["oracle"][0][0]["arguments"]["base"] = 11
@@ -117,7 +111,7 @@ def test_ast_wrong_value_wrong_function_extra_call_and_irrelevance_fail():
     assert reports["simple_python_0"].verdict == "solved"
     for name in ("wrong-value", "twice", "no-call"):
         assert reports[name].verdict == "failed" and reports[name].statuses[-1] == "structural_fail", name
-    irrelevant = _ast_task("irrelevance_0")
+    irrelevant = _task("irrelevance_0")
     called = {**irrelevant, "id": "called", "oracle": [[{"name": "determine_body_mass_index", "arguments": {
         "weight": 70, "height": 1.8}}]], "max_turns": 2}  # fmt: skip
     reports = {r.task_id: r for r in check_tasks([irrelevant, called], bfcl.create_server("irrelevance"))}

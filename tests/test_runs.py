@@ -197,10 +197,13 @@ def test_train_cli_names_the_broken_file_in_one_line(run):
     [
         ("ppo.evaluate", ["--batch-size", "0"], "--batch-size must be >= 1"),
         ("ppo.evaluate", ["--limit", "-1"], "--limit must be >= 0"),
+        ("ppo.evaluate", ["--max-new-tokens", "-1"], "argument --max-new-tokens: must be >= 0"),
+        ("ppo.chat", ["--max-context", "-2"], "argument --max-context: must be >= 0"),
         ("ppo.evaluate", ["--json", "."], "is a folder"),
         ("ppo.evaluate", ["--checkpoint", "/no/such/run"], "does not exist"),
         ("ppo.plot", ["/no/such/run"], "does not exist"),
         ("mcp_mock", ["--http", "--port", "99999"], "--port must be between 1 and 65535"),
+        ("mcp_mock.bfcl", ["--http", "--port", "0"], "--port must be between 1 and 65535"),
         *([] if torch.cuda.is_available() else [("ppo.bench", ["--gpu-only"], "no CUDA device")]),
     ],
 )

@@ -9,6 +9,7 @@ import argparse
 
 import anyio
 
+from ..cli import parse_serve_args
 from . import AST_CATEGORIES, create_server
 
 
@@ -23,15 +24,10 @@ async def _serve_stdio(category: str | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve until the transport closes."""
     parser = argparse.ArgumentParser(prog="python -m mcp_mock.bfcl", description=__doc__)
-    parser.add_argument("--http", action="store_true", help="serve streamable HTTP at /mcp instead of stdio")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument(
         "--category", choices=AST_CATEGORIES, help="serve this AST category's functions instead"
     )
-    args = parser.parse_args(argv)
-    if not 0 < args.port < 65536:
-        parser.error(f"--port must be between 1 and 65535, not {args.port}")
+    args = parse_serve_args(parser, argv)
     if args.http:
         import uvicorn
 

@@ -76,9 +76,15 @@ class AstState:
         return {"valid": False, "error_type": result.get("error_type"), "error_message": result.get("error")}
 
 
+def call_string(name: str, arguments: dict[str, Any]) -> str:
+    """A call as BFCL's checker replays it: ``name(key=repr(value), ...)``."""
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in arguments.items())})"
+
+
 @dataclass
 class EpisodeState:
-    """One episode's backends and the calls made on them, per user turn (BFCL's decoded-response layout)."""
+    """A multi-turn entry: one episode's backends and the calls made on them, per user turn (BFCL's
+    decoded-response layout)."""
 
     entry: dict[str, Any]
     truth: list[list[str]]
@@ -93,15 +99,71 @@ class EpisodeState:
                 return instance
         return None
 
+    def run(self, name: str, arguments: dict[str, Any]) -> tuple[str, bool]:
+        """Run one backend function; its text (as BFCL renders results) and whether it failed."""
+        instance = self.owner(name)
+        if instance is None:
+            classes = ", ".join(self.instances)
+            return f"{name} is not a function of this scenario's backends ({classes})", True
+        self.turns[-1].append(
+            [call_string(name, arguments)]
+        )  # one step per call: the checker replays in order
+        try:
+            result = getattr(instance, name)(**arguments)
+        except Exception as exc:  # BFCL's executor reports a failing call this way
+            return f"Error during execution: {exc}", True
+        if isinstance(result, str):
+            return result, False
+        if isinstance(result, dict):
+            try:
+                text = json.dumps(result)
+            except (TypeError, ValueError):
+                text = str(result)
+            return text, "error" in result
+        return str(result), False
+
+    def verify(self) -> dict[str, Any]:
+        """BFCL's ``multi_turn_checker`` on the calls through the next unverified user turn (then the next one)."""
+        if self.verified >= len(self.truth):
+            return {
+                "valid": False,
+                "error_type": "qwen_tool:no_turn_left",
+                "error_message": "every turn is verified",
+            }
+        upto = self.verified + 1
+        model_name = (
+            f"qwentool_{uuid.uuid4().hex}"  # the checker caches its instances in globals by this name
+        )
+        try:
+            result = _bfcl.multi_turn_checker().multi_turn_checker(
+                self.turns[:upto],
+                self.truth[:upto],
+                self.entry,
+                suite.category_of(self.entry["id"]),
+                model_name,
+            )
+        finally:
+            module_globals = vars(_bfcl.multi_turn_utils())
+            for key in [k for k in module_globals if k.startswith(model_name)]:
+                del module_globals[key]
+        self.verified = upto
+        self.turns.append([])
+        if result["valid"]:
+            return {"valid": True}
+        return {
+            "valid": False,
+            "error_type": result.get("error_type"),
+            "error_message": result.get("error_message"),
+        }
+
 
 def load_state(entry_id: str) -> EpisodeState | AstState:
     """A fresh scenario for a BFCL entry: backend instances as BFCL's own executor builds them (multi-turn), or
-    the entry's functions and possible answers (AST)."""
-    entry, truth = suite.entry_by_id(entry_id)
+    the entry's functions and possible answers (AST). Both answer ``run(name, arguments)`` and ``verify()``."""
+    entry, truth, index = suite.entry_by_id(entry_id)
     category = suite.category_of(entry_id)
     if category in suite.AST_CATEGORIES:
         _, names = suite.ast_tools(category)
-        index = suite.entries(category)[0].index(entry)
         served = {names[(index, k)]: f["name"] for k, f in enumerate(entry["function"])}
         return AstState(entry, truth, served)
     config = _bfcl.backend_config()
@@ -115,74 +177,6 @@ def load_state(entry_id: str) -> EpisodeState | AstState:
             )
         instances[cls] = instance
     return EpisodeState(entry, truth, instances)
-
-
-def verify(state: EpisodeState | AstState) -> dict[str, Any]:
-    return state.verify() if isinstance(state, AstState) else verify_turn(state)
-
-
-def run(state: EpisodeState | AstState, name: str, arguments: dict[str, Any]) -> tuple[str, bool]:
-    return state.run(name, arguments) if isinstance(state, AstState) else run_function(state, name, arguments)
-
-
-def call_string(name: str, arguments: dict[str, Any]) -> str:
-    """A call as BFCL's checker replays it: ``name(key=repr(value), ...)``."""
-    return f"{name}({', '.join(f'{k}={v!r}' for k, v in arguments.items())})"
-
-
-def verify_turn(state: EpisodeState) -> dict[str, Any]:
-    """BFCL's ``multi_turn_checker`` on the calls through the next unverified user turn (then the next one)."""
-    if state.verified >= len(state.truth):
-        return {
-            "valid": False,
-            "error_type": "qwen_tool:no_turn_left",
-            "error_message": "every turn is verified",
-        }
-    upto = state.verified + 1
-    model_name = f"qwentool_{uuid.uuid4().hex}"  # the checker caches its instances in globals by this name
-    try:
-        result = _bfcl.multi_turn_checker().multi_turn_checker(
-            state.turns[:upto],
-            state.truth[:upto],
-            state.entry,
-            state.entry["id"].rsplit("_", 1)[0],
-            model_name,
-        )
-    finally:
-        module_globals = vars(_bfcl.multi_turn_utils())
-        for key in [k for k in module_globals if k.startswith(model_name)]:
-            del module_globals[key]
-    state.verified = upto
-    state.turns.append([])
-    if result["valid"]:
-        return {"valid": True}
-    return {
-        "valid": False,
-        "error_type": result.get("error_type"),
-        "error_message": result.get("error_message"),
-    }
-
-
-def run_function(state: EpisodeState, name: str, arguments: dict[str, Any]) -> tuple[str, bool]:
-    """Run one backend function for the episode; its text (as BFCL renders results) and whether it failed."""
-    instance = state.owner(name)
-    if instance is None:
-        classes = ", ".join(state.instances)
-        return f"{name} is not a function of this scenario's backends ({classes})", True
-    state.turns[-1].append([call_string(name, arguments)])  # one step per call: the checker replays in order
-    try:
-        result = getattr(instance, name)(**arguments)
-    except Exception as exc:  # BFCL's executor reports a failing call this way
-        return f"Error during execution: {exc}", True
-    if isinstance(result, str):
-        return result, False
-    if isinstance(result, dict):
-        try:
-            text = json.dumps(result)
-        except (TypeError, ValueError):
-            text = str(result)
-        return text, "error" in result
-    return str(result), False
 
 
 def tool_list(category: str | None = None) -> list[types.Tool]:
@@ -289,8 +283,8 @@ def create_server(category: str | None = None) -> Server:
         if state is None:
             return _text(f"no scenario loaded for this episode; call {suite.SETUP_TOOL} first", True)
         if name == suite.VERIFY_TOOL:
-            return _text(json.dumps(verify(state)), False)
-        return _text(*run(state, name, arguments))
+            return _text(json.dumps(state.verify()), False)
+        return _text(*state.run(name, arguments))
 
     server = Server("bfcl", lifespan=lifespan, on_list_tools=list_tools, on_call_tool=call_tool)
     server.extensions[EPISODE_EXTENSION] = {"metaKey": EPISODE_META_KEY}

@@ -109,15 +109,15 @@ def category_of(entry_id: str) -> str:
 
 
 @cache
-def entry_by_id(entry_id: str) -> tuple[dict[str, Any], Any]:
-    """One entry and its ground truth, found by id (``multi_turn_base_12``) in its category."""
+def entry_by_id(entry_id: str) -> tuple[dict[str, Any], Any, int]:
+    """One entry, its ground truth and its index in its category's file, found by id (``multi_turn_base_12``)."""
     category = category_of(entry_id)
     if category not in CATEGORIES:
         raise KeyError(f"no BFCL entry {entry_id!r} (categories served: {', '.join(CATEGORIES)})")
     found, truth = entries(category)
-    for entry, answer in zip(found, truth, strict=True):
+    for index, (entry, answer) in enumerate(zip(found, truth, strict=True)):
         if entry["id"] == entry_id:
-            return entry, answer
+            return entry, answer, index
     raise KeyError(f"no BFCL entry {entry_id!r} in {category}")
 
 

@@ -349,7 +349,7 @@ def trainer_update_throughput(
     ac, pad_id: int, *, episodes: int, prefix: int, suffix: tuple[int, int]
 ) -> dict:
     """Seconds and real tokens/s of the trainer's own update of one batch (``ppo.trainer.update``: the scoring pass,
-    advantages, then the PPO epochs with the default settings), after a warm-up pass over a few rows."""
+    advantages, then the PPO epochs with the default settings), after one untimed scoring pass as a warm-up."""
     from ppo.infra.config import Config
     from ppo.infra.setup import build_optimizer
     from ppo.trainer import update

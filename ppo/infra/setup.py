@@ -129,11 +129,24 @@ def add_policy_arguments(parser) -> None:
     )
     parser.add_argument("--device", help="torch device")
     parser.add_argument(
-        "--max-new-tokens", type=int, default=0, help="per-turn token limit (default: the config's)"
+        "--max-new-tokens", type=_non_negative, default=0, help="per-turn token limit (default: the config's)"
     )
     parser.add_argument(
-        "--max-context", type=int, default=0, help="episode token limit (default: the config's)"
+        "--max-context", type=_non_negative, default=0, help="episode token limit (default: the config's)"
     )
+
+
+def _non_negative(text: str) -> int:
+    """An argparse type: an integer >= 0 (0 keeps the config's value)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
 
 
 def policy_config(args) -> Config:
@@ -157,7 +170,7 @@ def policy_config(args) -> Config:
             setattr(cfg, name, getattr(args, name))
     if args.max_new_tokens:
         cfg.max_new_tokens = args.max_new_tokens
-    if getattr(args, "max_context", 0):
+    if args.max_context:
         cfg.max_context = args.max_context
     cfg.validate()  # the overrides may not fit the rest (e.g. --max-new-tokens beyond the context)
     return cfg

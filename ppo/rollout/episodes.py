@@ -133,8 +133,8 @@ class Episode:
 
     def add_turn(self, chat: ChatFormat, turn: list[int], following: list[dict] | None) -> None:
         """Append an assistant turn's ids (actions) and, when the episode goes on (``following``, the messages the
-        env appended after the turn, is not None), the template's suffix for them (not actions). The one place an episode's token layout is written:
-        rollouts and the warm start's demonstrations both use it."""
+        env appended after the turn, is not None), the template's suffix for them (not actions). The one place an
+        episode's token layout is written: rollouts and the warm start's demonstrations both use it."""
         self.extend(turn, is_action=True)
         if following is None:
             return
@@ -187,9 +187,8 @@ def pad_episodes(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor
     }
 
 
-_warned_prompt_cut: list[
-    str
-] = []  # the first task whose prompt alone outgrew max_context (one warning a process)
+# The first task whose prompt alone outgrew max_context: one warning a process.
+_warned_prompt_cut: list[str] = []
 
 
 def collect_rollouts(

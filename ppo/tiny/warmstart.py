@@ -88,8 +88,9 @@ def demonstration(
     episode, imitated on purpose: see ``build_demonstrations``). ``habit_rng`` draws the mistake's variant instead
     of ``rng``, so a habit is spelled the same way every time.
 
-    Returns [(assistant_text, messages_after_it), ...] (the env's ``new_messages``) and the first observation's info, or None when the
-    oracle does not reach success (a broken task is skipped, not imitated) or no such mistake fits the call.
+    Returns [(assistant_text, messages_after_it), ...] (the env's ``new_messages``) and the first observation's
+    info, or None when the oracle does not reach success (a broken task is skipped, not imitated) or no such
+    mistake fits the call.
     """
     from env.check import play_turns
 
