@@ -5,6 +5,9 @@ status among all turns, and both per task category, as a table and (``--json``) 
 
     {"success_rate": 0.9, "status": {"success": ..., ...}, "per_category": {"math": {...}, ...}, ...}
 
+``--episodes PATH`` writes every episode as one JSON line (task, category, success, each turn's status and
+reward, the conversation as the env kept it), to read what the policy did on the tasks it failed.
+
 Without ``--checkpoint`` the starting policy is evaluated (for the tiny preset: the warm-started model).
 """
 
@@ -62,13 +65,37 @@ def summarize(episodes: list) -> dict:
     }
 
 
+def episode_record(episode) -> dict:
+    """One episode as plain JSON: what ``--episodes`` writes, a line per task."""
+    return {
+        "task_id": episode.task_id,
+        "category": episode.category,
+        "success": episode.success,
+        "statuses": episode.statuses,
+        "rewards": episode.rewards,
+        "cut": episode.cut,
+        "messages": episode.messages,
+    }
+
+
 def evaluate(
-    actor_critic, cfg: Config, tasks: list[dict], batch_size: int = 64, source: str | None = None
+    actor_critic,
+    cfg: Config,
+    tasks: list[dict],
+    batch_size: int = 64,
+    source: str | None = None,
+    episodes_path: str | Path | None = None,
 ) -> dict:
-    """Greedy success rate and status shares, overall and per category, over ``tasks``."""
+    """Greedy success rate and status shares, overall and per category, over ``tasks``; with ``episodes_path``,
+    every episode is also written there as a JSON line (``episode_record``)."""
     started = time.perf_counter()
-    result = summarize(play_greedy(actor_critic, cfg, tasks, batch_size, source))
+    episodes = play_greedy(actor_critic, cfg, tasks, batch_size, source)
+    result = summarize(episodes)
     result["seconds"] = time.perf_counter() - started
+    if episodes_path:
+        lines = (json.dumps(episode_record(e), ensure_ascii=False) + "\n" for e in episodes)
+        Path(episodes_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(episodes_path).write_text("".join(lines), encoding="utf-8")
     return result
 
 
@@ -98,6 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="JSONL task file, or bfcl:<category> (README, 'BFCL'), to evaluate on instead of a mock split",
     )
     parser.add_argument("--json", help="write the result as JSON to this path")
+    parser.add_argument(
+        "--episodes",
+        help="write every episode (statuses, rewards, conversation) to this path, a JSON line each",
+    )
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N tasks (0: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="episodes played at once")
     args = parser.parse_args(argv)
@@ -106,8 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--batch-size must be >= 1, not {args.batch_size}")
     if args.limit < 0:
         parser.error(f"--limit must be >= 0 (0: all tasks), not {args.limit}")
-    if args.json and Path(args.json).is_dir():
-        parser.error(f"--json {args.json} is a folder; give a file path")
+    for flag, path in (("--json", args.json), ("--episodes", args.episodes)):
+        if path and Path(path).is_dir():
+            parser.error(f"{flag} {path} is a folder; give a file path")
     from ppo.infra.setup import input_errors
 
     try:
@@ -127,7 +159,14 @@ def _evaluate_cli(args) -> dict:
     if args.limit:
         tasks = tasks[: args.limit]
     actor_critic = load_policy(cfg, adapters=args.checkpoint)
-    result = evaluate(actor_critic, cfg, tasks, batch_size=args.batch_size, source=args.tasks or "")
+    result = evaluate(
+        actor_critic,
+        cfg,
+        tasks,
+        batch_size=args.batch_size,
+        source=args.tasks or "",
+        episodes_path=args.episodes,
+    )
     result["checkpoint"] = args.checkpoint
     result["split"] = args.tasks or args.split
     print(format_table(result))

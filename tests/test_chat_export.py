@@ -216,3 +216,19 @@ def test_export_refuses_an_eval_file_that_is_not_an_evaluation(trained_run, tmp_
             ["--checkpoint", str(trained_run / "run"), "--out", str(tmp_path / "o"), "--eval", str(bad)]
         )
     assert "holds no success_rate" in capsys.readouterr().err
+
+
+def test_evaluate_writes_every_episode_it_scored(trained_run, tmp_path):
+    from ppo import evaluate
+
+    path = tmp_path / "episodes.jsonl"
+    result = evaluate.main(["--checkpoint", str(trained_run / "run"), "--tasks", str(trained_run / "tasks.jsonl"),
+                            "--episodes", str(path)])  # fmt: skip
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["task_id"] for r in records] == [t["id"] for t in _tasks()]
+    assert sum(r["success"] for r in records) / len(records) == result["success_rate"]
+    for record in records:
+        assert len(record["statuses"]) == len(record["rewards"]) >= 1
+        turns = [m for m in record["messages"] if m["role"] == "assistant"]
+        assert len(turns) == len(record["statuses"]) and "<tool_call>" in turns[0]["content"]
+        assert record["messages"][0]["role"] in ("system", "user")
