@@ -70,12 +70,25 @@ def _category(template, tier: str) -> str:
     return {"multi": "multi_step", "recovery": "recovery"}.get(tier) or templates.CATEGORY[template]
 
 
-def make_split(split: str, pool: templates.Pool, rng: random.Random, taken: set[str]) -> list[dict]:
-    """Tasks of one split; prompts already in `taken` are drawn again (and new ones are added to it)."""
+def make_split(
+    split: str,
+    pool: templates.Pool,
+    rng: random.Random,
+    taken: set[str],
+    size: int | None = None,
+    distinct: bool = True,
+    prefix: str | None = None,
+) -> list[dict]:
+    """`size` tasks (default: the split's) from one split's pool; prompts already in `taken` are drawn again.
+
+    `distinct`: new prompts are added to `taken`, so none repeats (the bundled splits). Without it a prompt may
+    come back, which a template with few values (a document, a city) needs in a large draw. Ids are
+    ``<prefix>-<category>-<n>`` (`prefix` defaults to the split)."""
+    size = SIZES[split] if size is None else size
     tasks: list[dict] = []
     per_category: Counter[str] = Counter()
-    quotas = {tier: round(SIZES[split] * share) for tier, share in MIX.items()}
-    quotas["recovery"] = SIZES[split] - sum(q for tier, q in quotas.items() if tier != "recovery")
+    quotas = {tier: round(size * share) for tier, share in MIX.items()}
+    quotas["recovery"] = size - sum(q for tier, q in quotas.items() if tier != "recovery")
     for tier, quota in quotas.items():
         options = templates.TIERS[tier]
         made, attempt = 0, 0
@@ -87,15 +100,34 @@ def make_split(split: str, pool: templates.Pool, rng: random.Random, taken: set[
                 if attempt > quota * 50:
                     raise RuntimeError(f"cannot draw {quota} distinct {tier} prompts for {split}")
                 continue
-            taken.add(prompt)
+            if distinct:
+                taken.add(prompt)
             category = _category(template, tier)
             per_category[category] += 1
-            task_id = f"{split}-{category}-{per_category[category]:03d}"
+            task_id = f"{prefix or split}-{category}-{per_category[category]:03d}"
             max_turns = 4 if tier in ("multi", "recovery") else 3
             tasks.append({"id": task_id, "category": category, "prompt": prompt, "success": success,
                           "max_turns": max_turns, "oracle": oracle})  # fmt: skip
             made += 1
     return tasks
+
+
+def _seed_sql() -> str:
+    return (Path(__file__).parent / "data" / "seed.sql").read_text(encoding="utf-8")
+
+
+def draw_train_tasks(count: int, seed: str, prefix: str = "draw") -> list[dict]:
+    """`count` tasks drawn afresh from the train entities, in the train split's mix, with values of their own.
+
+    For imitation that must learn to copy values rather than memorize a fixed set of answers: each draw (a
+    `seed`) gives new numbers, records and pairings of train entities. No prompt of the val or test split is
+    ever drawn (a template without entities, such as arithmetic, could otherwise hit one); prompts may repeat
+    within a draw and may be those of the train split."""
+    from .tasks import load_tasks
+
+    held_out = {t["prompt"] for split in ("val", "test") for t in load_tasks(split)}
+    pool = make_pools(_seed_sql())["train"]
+    return make_split("train", pool, random.Random(seed), held_out, size=count, distinct=False, prefix=prefix)
 
 
 def render(tasks: list[dict]) -> str:
@@ -105,8 +137,7 @@ def render(tasks: list[dict]) -> str:
 
 def generate() -> dict[str, str]:
     """The file contents of every split, from the fixed seed."""
-    seed_sql = (Path(__file__).parent / "data" / "seed.sql").read_text(encoding="utf-8")
-    pools, taken = make_pools(seed_sql), set()
+    pools, taken = make_pools(_seed_sql()), set()
     return {
         split: render(make_split(split, pools[split], random.Random(f"{SEED}-{split}"), taken))
         for split in SIZES

@@ -20,16 +20,142 @@ TINY_CONFIG: dict[str, Any] = {
     "tie_word_embeddings": True,
     "rope_theta": 10000.0,
 }
+# What a base built with the copying circuit changes: Qwen3's own RoPE base, which leaves the circuit's content
+# match (``wire_copying``) 12 frequency pairs that turn by less than 0.4 rad over 2,048 positions (at 10,000 only
+# 4 would).
+COPY_CIRCUIT_CONFIG: dict[str, Any] = {"rope_theta": 1_000_000.0}
+
+# The copying circuit's magnitudes (``wire_copying``): the sharpness of the previous-token and induction heads
+# (their QK-norm weights), the gains of their outputs, and the final norm's weight, which sets how confident
+# the copy is at initialisation (about 5 nats ahead of the next token).
+COPY_CIRCUIT = {
+    "prev_sharpness": 3.0,
+    "match_sharpness": 2.0,
+    "prev_gain": 0.5,
+    "copy_gain": 2.0,
+    "final": 0.08,
+}
 
 
-def _save_model(out_dir: Path, tokenizer, seed: int, overrides: dict[str, Any]) -> None:
-    """Create the random-init Qwen3ForCausalLM sized to the tokenizer and save it to `out_dir`."""
+def _rope_base(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def word_tokens(tokenizer) -> list[bool]:
+    """Which ids spell letters only (a leading space allowed): the pieces of names, which the copying circuit
+    copies. Digits, punctuation and markup are left to what training learns."""
+    words = []
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        words.append(bool(text.strip()) and text.lstrip(" ").isalpha())
+    return words
+
+
+def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> None:
+    """Set a random Qwen3 model's weights so that, before any training, it copies names: a word piece seen
+    before is written again after what preceded it then (an induction circuit, Olsson et al. 2022, "In-context
+    Learning and Induction Heads"), built by hand instead of waiting for training to find it.
+
+    Imitation has to copy names from the prompt into the calls, and a randomly initialised model learns that
+    late: it writes the names it memorized instead. A pretrained base, which the tiny model stands in for, has
+    such heads. The circuit, in the residual stream's first dimensions (h = head_dim):
+
+    - embeddings: dims [0, h) hold a random code of every token, dims [h, 2h) are zero, dims [2h, 3h) hold a
+      second random code of the ``copyable`` tokens only (default: all), and the last dim is a constant 1 (a
+      direction every position has);
+    - layer 0, query head 0 (key/value head 0): a previous-token head. Its query and key read only the constant
+      dim, so after QK-norm both are fixed vectors, and the query is the key turned back by one position of RoPE
+      (Su et al. 2021), so the score is sum_j a_j^2 cos(theta_j (s - t + 1)): highest at s = t - 1. Amplitudes
+      a_j^2 = theta_j keep every other offset of 2,048 at least 0.17 of the peak below it. Its value, the first
+      code, goes to dims [h, 2h);
+    - layer 1, query head 2 (key/value head 1): the induction head. Its query reads the first code at t, its key
+      the previous-token code at s, both through one random orthonormal projection onto the 12 slowest RoPE
+      pairs (nearly still over the context), so it attends where the token before s is the token at t. Its value
+      is the second code at s, added to dims [2h, 3h) at t: the tied unembedding reads it back as the logit of
+      the token at s if that token is copyable, and of no token otherwise;
+    - every other weight keeps its random initialisation (the final norm's weight, which scales how sure the copy
+      is, excepted). Zeroing the other heads' and the MLPs' outputs as well, so that only the circuit acted at
+      first, left imitation unable to copy lists of numbers (greedy val data tasks 0.04 after the warm start).
+
+    Only word pieces are copyable in the tiny preset (``word_tokens``). Copying every token made a list such as
+    ``[57, 52, 35]`` or a run of records loop (``39, 39, 39``, ``DeeDeeDee``): once a token follows itself, the
+    head matches its own position and copies it again. Measured on random rows repeated once (hidden 256,
+    vocabulary 2,281, every token copyable, the other weights random): argmax accuracy 0.81 on the repeat after 50
+    tokens and 0.69 after 300.
+    """
+    import torch
+
+    cfg = model.config
+    d, hd = cfg.hidden_size, cfg.head_dim
+    half, low = hd // 2, 12
+    if d < 3 * hd + 1 or cfg.num_attention_heads < 3 or cfg.num_key_value_heads < 2:
+        raise ValueError(
+            f"the copying circuit needs hidden_size >= 3 * head_dim + 1, 3 query and 2 key/value heads; this "
+            f"model has {d}, {cfg.num_attention_heads} and {cfg.num_key_value_heads} (head_dim {hd})"
+        )
+    if cfg.num_hidden_layers < 2 or cfg.num_attention_heads // cfg.num_key_value_heads != 2 or half < low:
+        raise ValueError(
+            "the copying circuit needs 2+ layers, 2 query heads per key/value head, head_dim >= 24"
+        )
+    k = COPY_CIRCUIT
+    code, prev, out, const = slice(0, hd), slice(hd, 2 * hd), slice(2 * hd, 3 * hd), d - 1
+    generator = torch.Generator().manual_seed(seed)
+    inv_freq = _rope_base(cfg) ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
+    layers = model.model.layers
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        vocab = emb.shape[0]
+        emb[:, code] = torch.randn(vocab, hd, generator=generator)
+        emb[:, prev] = 0.0
+        mask = torch.ones(vocab) if copyable is None else torch.tensor(copyable, dtype=torch.float32)
+        emb[:, out] = torch.randn(vocab, hd, generator=generator) * mask[:, None]
+        emb[:, const] = 1.0
+        # Layer 0: the previous-token head. HF's RoPE pairs dim j with j + half, turned by theta_j a position.
+        att = layers[0].self_attn
+        amp = inv_freq.sqrt()
+        key = torch.zeros(hd, dtype=torch.float64)
+        query = torch.zeros(hd, dtype=torch.float64)
+        key[:half] = amp
+        query[:half], query[half:] = amp * torch.cos(inv_freq), -amp * torch.sin(inv_freq)
+        for proj, vector in ((att.q_proj, query), (att.k_proj, key)):
+            proj.weight[:hd] = 0.0
+            proj.weight[:hd, const] = vector.float()
+        att.q_norm.weight.fill_(k["prev_sharpness"])
+        att.k_norm.weight.fill_(k["prev_sharpness"])
+        att.v_proj.weight[:hd] = 0.0
+        att.v_proj.weight[:hd, code] = torch.eye(hd)
+        att.o_proj.weight[:, :hd] = 0.0
+        att.o_proj.weight[prev, :hd] = k["prev_gain"] * torch.eye(hd)
+        # Layer 1: the induction head (query head 2 reads key/value head 1 under grouped-query attention).
+        att = layers[1].self_attn
+        slow = torch.cat([torch.arange(half - low, half), torch.arange(hd - low, hd)])
+        project = torch.linalg.qr(torch.randn(hd, hd, generator=generator))[0][: 2 * low]
+        q_rows, kv_rows = slice(2 * hd, 3 * hd), slice(hd, 2 * hd)
+        att.q_proj.weight[q_rows] = 0.0
+        att.k_proj.weight[kv_rows] = 0.0
+        att.v_proj.weight[kv_rows] = 0.0
+        att.q_proj.weight[2 * hd + slow, code] = project
+        att.k_proj.weight[hd + slow, prev] = project
+        att.q_norm.weight.fill_(k["match_sharpness"])
+        att.k_norm.weight.fill_(k["match_sharpness"])
+        att.v_proj.weight[kv_rows, out] = torch.eye(hd)
+        att.o_proj.weight[:, q_rows] = 0.0
+        att.o_proj.weight[out, q_rows] = k["copy_gain"] * torch.eye(hd)
+        model.model.norm.weight.fill_(k["final"])
+
+
+def _save_model(
+    out_dir: Path, tokenizer, seed: int, overrides: dict[str, Any], copy_circuit: bool = False
+) -> None:
+    """Create the random-init Qwen3ForCausalLM sized to the tokenizer (with ``copy_circuit``, wired to copy:
+    ``wire_copying``) and save it to `out_dir`."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
-    settings = {**TINY_CONFIG, **overrides}
+    settings = {**TINY_CONFIG, **(COPY_CIRCUIT_CONFIG if copy_circuit else {}), **overrides}
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         bos_token_id=pad_id,
@@ -42,6 +168,8 @@ def _save_model(out_dir: Path, tokenizer, seed: int, overrides: dict[str, Any]) 
     try:
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config).float().eval()
+        if copy_circuit:
+            wire_copying(model, seed, word_tokens(tokenizer))
     finally:
         torch.random.set_rng_state(state)
     model.generation_config = GenerationConfig(eos_token_id=[eos_id, pad_id], pad_token_id=pad_id)
@@ -49,12 +177,19 @@ def _save_model(out_dir: Path, tokenizer, seed: int, overrides: dict[str, Any]) 
 
 
 def build_tiny(
-    out_dir: str | Path, texts: list[str], seed: int = 0, *, vocab_size: int = 4096, **config_overrides: Any
+    out_dir: str | Path,
+    texts: list[str],
+    seed: int = 0,
+    *,
+    vocab_size: int = 4096,
+    copy_circuit: bool = False,
+    **config_overrides: Any,
 ) -> Path:
     """Build the tiny model, with a tokenizer trained on ``texts``, into `out_dir` (created). Returns `out_dir`.
 
-    `config_overrides` replace entries of `TINY_CONFIG` (e.g. `hidden_size=128` for faster tests). Caching, and
-    which texts, are the recipe's (``ppo.tiny``).
+    `config_overrides` replace entries of `TINY_CONFIG` (e.g. `hidden_size=128` for faster tests).
+    `copy_circuit`: wire the random model to copy names (``wire_copying``, with `COPY_CIRCUIT_CONFIG`).
+    Caching, and which texts, are the recipe's (``ppo.tiny``).
     """
     from models.tokenizer import train_tokenizer
 
@@ -62,5 +197,5 @@ def build_tiny(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     tokenizer.save_pretrained(out)
-    _save_model(out, tokenizer, seed, config_overrides)
+    _save_model(out, tokenizer, seed, config_overrides, copy_circuit)
     return out

@@ -333,6 +333,27 @@ def test_task_files_are_valid_and_splits_disjoint():
         load_tasks("dev")
 
 
+def test_fresh_draws_use_train_entities_only():
+    """A warm start's fresh draw of train tasks: its own values, the train split's entities and mix, and never a
+    prompt or entity of val or test."""
+    draw = make_tasks.draw_train_tasks(400, "draw-a")
+    assert len(draw) == 400 and len({t["id"] for t in draw}) == 400
+    assert draw == make_tasks.draw_train_tasks(400, "draw-a")
+    other = make_tasks.draw_train_tasks(400, "draw-b")
+    assert len({t["prompt"] for t in draw} & {t["prompt"] for t in other}) < 100
+    held_out = load_tasks("val") + load_tasks("test")
+    assert not {t["prompt"] for t in draw} & {t["prompt"] for t in held_out}
+    pools = make_tasks.make_pools((make_data.DATA_DIR / "seed.sql").read_text(encoding="utf-8"))
+    held_names = [p[1] for split in ("val", "test") for p in pools[split].products]
+    held_names += [c[1] for split in ("val", "test") for c in pools[split].customers]
+    held_names += [d["title"] for split in ("val", "test") for d in pools[split].docs]
+    for task in draw:
+        assert not [n for n in held_names if n in task["prompt"]], task["prompt"]
+    counts = {c: sum(t["category"] == c for t in draw) for c in ("multi_step", "recovery")}
+    assert counts == {"multi_step": 60, "recovery": 60}
+    assert {t["id"].split("-")[0] for t in draw} == {"draw"}
+
+
 def test_bundled_files_equal_their_generators():
     for name, text in make_data.generate().items():
         assert (make_data.DATA_DIR / name).read_text(encoding="utf-8") == text, name

@@ -394,7 +394,7 @@ def test_ensure_tiny_builds_once_and_atomically(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_build(out_dir, texts, seed=0):
+    def fake_build(out_dir, texts, seed=0, copy_circuit=False):
         calls.append(out_dir)
         (out_dir / "config.json").write_text("{}")
         if len(calls) == 1:
@@ -410,6 +410,7 @@ def test_ensure_tiny_builds_once_and_atomically(tmp_path, monkeypatch):
     assert build.ensure_tiny(target) == target and len(calls) == 2
     monkeypatch.setenv("QWEN_TOOL_CACHE", str(tmp_path))
     assert build.default_cache_dir() == tmp_path / f"tiny-{build.TINY_VERSION}-{build.fingerprint()}"
+    assert build.default_cache_dir(copy_circuit=True) != build.default_cache_dir()  # a base of its own
 
 
 def test_position_ids_and_scored_positions_follow_left_padding():
@@ -478,3 +479,41 @@ def test_chunked_logprobs_and_entropy_match_autograd_through_full_logits(tempera
         )
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _repeat_accuracy(model, ids_to_draw: list[int], length: int) -> tuple[float, float]:
+    """Argmax accuracy on rows of ``length`` distinct tokens (of ``ids_to_draw``) repeated once: on the repeat
+    (copyable) and on the first copy (nothing to copy from)."""
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randperm(len(ids_to_draw), generator=generator)[:length] for _ in range(4)]
+    x = torch.tensor(ids_to_draw)[torch.stack(rows)]
+    ids = torch.cat([x, x], dim=1)
+    with torch.no_grad():
+        hits = model(ids).logits.argmax(-1)[:, :-1] == ids[:, 1:]
+    return hits[:, length:].float().mean().item(), hits[:, : length - 1].float().mean().item()
+
+
+def test_the_tiny_model_is_built_wired_to_copy_names(tmp_path):
+    """`wire_copying`: before any training, the saved tiny model predicts a repeated row of word pieces from its
+    first copy (a piece seen before is followed by what followed it then), and not a row of digits and
+    punctuation (left to training); a randomly initialised one copies neither."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = [
+        "The Assistant calls Tools and reads 0 1 2 3 4 5 6 7 8 9, {}: [] () Silver Stapler, Amber Teapot"
+    ] * 4
+    wired = tiny.build_tiny(tmp_path / "wired", texts, vocab_size=300, copy_circuit=True)
+    plain = tiny.build_tiny(tmp_path / "plain", texts, vocab_size=300)
+    words = tiny.word_tokens(AutoTokenizer.from_pretrained(wired))
+    special = 3  # pad, bos/eos: never in a row
+    word_ids = [i for i, w in enumerate(words) if w and i >= special]
+    other_ids = [i for i, w in enumerate(words) if not w and i >= special]
+    assert len(word_ids) > 50 and len(other_ids) > 50
+    for folder, least in ((wired, 0.7), (plain, 0.0)):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        repeat, first = _repeat_accuracy(model, word_ids, 40)
+        assert least <= repeat and (least > 0 or repeat < 0.05), (folder.name, repeat)
+        assert first < 0.05  # nothing to copy from: no better than chance
+        assert _repeat_accuracy(model, other_ids, 40)[0] < 0.05  # digits and punctuation are not copied
+    with pytest.raises(ValueError, match="the copying circuit needs hidden_size >= 3 \\* head_dim \\+ 1"):
+        tiny.build_tiny(tmp_path / "narrow", texts, vocab_size=300, hidden_size=128, copy_circuit=True)

@@ -331,3 +331,35 @@ def test_the_warm_start_is_built_in_a_process_of_its_own_and_then_cached(tmp_pat
     assert (folder / "config.json").is_file() and folder.name.startswith("tiny-") and "-warm-" in folder.name
     assert len(calls) == 1 and calls[0][1:3] == ["-m", "ppo.tiny.warmstart"]
     assert ppo.tiny.prepare(cfg) == folder and len(calls) == 1  # cached: no second process
+
+
+def test_per_epoch_demonstrations_are_each_imitated_once(small_tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ppo.tiny.warmstart import supervised_finetune
+
+    model = AutoModelForCausalLM.from_pretrained(small_tiny_dir, dtype=torch.float32)
+    seen = []
+    forward = model.get_decoder().forward
+    model.get_decoder().forward = lambda input_ids, **kw: (
+        seen.append(input_ids.shape[0]) or forward(input_ids=input_ids, **kw)
+    )
+    demos = [([k, 5, 6, 7, 8], [0, 0, 1, 1, 1]) for k in (1, 2, 3)]  # no shared prefix
+    supervised_finetune(model, [demos, demos[:1]], 0, epochs=2, lr=1e-3, batch_size=2, seed=0, per_epoch=True)
+    assert seen == [2, 1, 1]  # epoch 1: three rows in batches of two; epoch 2: its one row
+    with pytest.raises(ValueError, match="2 lists of demonstrations for 3 epochs"):
+        supervised_finetune(model, [demos, demos], 0, epochs=3, lr=1e-3, batch_size=2, seed=0, per_epoch=True)
+
+
+def test_fresh_draws_have_a_warm_start_of_their_own(tmp_path):
+    from ppo.infra.config import parse_args
+    from ppo.tiny.warmstart import fresh_draws, warm_start_key
+
+    base = parse_args(["--preset", "tiny"])
+    fresh = parse_args(["--preset", "tiny", "--sft-fresh-tasks"])
+    assert warm_start_key(tmp_path, base) != warm_start_key(tmp_path, fresh)
+    assert fresh_draws(fresh) and not fresh_draws(base)
+    own = tmp_path / "mine.jsonl"
+    own.write_text("")
+    mine = parse_args(["--preset", "tiny", "--sft-fresh-tasks", "--tasks", str(own)])
+    assert not fresh_draws(mine)  # a user's task file has no generator: imitated as it is

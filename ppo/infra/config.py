@@ -147,6 +147,9 @@ class Config:
     # --- warm start (tiny preset) --------------------------------------------------------------------
     warmstart: bool = True
     """tiny preset: build and warm-start the model by imitation when it is not cached"""
+    tiny_copy_circuit: bool = False
+    """tiny preset: build the random base wired to copy names from the prompt (an induction circuit set by hand,
+    models.tiny.wire_copying) instead of plain random weights"""
     sft_epochs: int = 8
     """passes over the demonstrations in the warm start"""
     sft_error_fraction: float = 0.35
@@ -154,6 +157,9 @@ class Config:
     tool, wrong type), then recover or give up"""
     sft_tasks: int = 0
     """train tasks the warm start imitates (the first N of the file); 0: all"""
+    sft_fresh_tasks: bool = False
+    """each warm-start epoch imitates a fresh draw of as many mock train tasks (train entities, new values)
+    instead of the train split again, so values must be copied, not memorized; ignored with --tasks"""
     sft_cut_fraction: float = 0.25
     """share of demonstrations spelled with random extra BPE cuts (BPE-dropout), so held-out names can be copied"""
     sft_habit_share: float = 0.3

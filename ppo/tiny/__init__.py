@@ -25,7 +25,7 @@ def _build(cfg) -> Path:
     from ppo.tiny.build import ensure_tiny
     from ppo.tiny.warmstart import warm_start_dir
 
-    path = ensure_tiny()
+    path = ensure_tiny(copy_circuit=cfg.tiny_copy_circuit)
     if not cfg.warmstart:
         return path
     out = warm_start_dir(path, cfg)
@@ -60,6 +60,6 @@ def cached(cfg) -> Path | None:
     from ppo.tiny.build import default_cache_dir
     from ppo.tiny.warmstart import warm_start_dir
 
-    base = default_cache_dir()
+    base = default_cache_dir(cfg.tiny_copy_circuit)
     path = warm_start_dir(base, cfg) if cfg.warmstart else base
     return path if (base / "config.json").is_file() and (path / "config.json").is_file() else None

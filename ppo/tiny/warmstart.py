@@ -200,8 +200,12 @@ def build_demonstrations(
     habit_share: float = 0.0,
     habit_rate: float = 0.6,
     give_up_fraction: float = 0.0,
+    draw: int | None = None,
 ):
     """(ids, action_mask) of one demonstration per task that its oracle solves.
+
+    ``seed`` fixes which tools have habits and how they are spelled; ``draw`` (one per fresh draw of tasks) gives
+    the random flaws and cuts a stream of their own, so every draw has the same habits.
 
     Flaws: the demonstrations of ``habit_share`` of the tools open with that tool's habitual mistake at
     ``habit_rate`` (see ``tool_habits``); the others open with a random mistake at ``error_fraction``. A flawed
@@ -211,7 +215,7 @@ def build_demonstrations(
     """
     from env import MCPGymEnv
 
-    rng = random.Random(seed)
+    rng = random.Random(seed if draw is None else f"{seed}-{draw}")
     demos, skipped = [], 0
     env = MCPGymEnv(tasks=tasks, max_turns=max_turns)
     try:
@@ -271,19 +275,33 @@ def uses_bf16(cfg) -> bool:
 
 
 def supervised_finetune(
-    model, demos, pad_id: int, *, epochs: int, lr: float, batch_size: int, seed: int, bf16: bool = False
+    model,
+    demos,
+    pad_id: int,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    bf16: bool = False,
+    per_epoch: bool = False,
 ) -> None:
     """Full fine-tuning with AdamW on the assistant tokens of the demonstrations.
 
-    ``bf16``: forward and backward under CPU bf16 autocast (matmuls in bf16; weights, loss and AdamW in fp32).
+    ``demos`` are imitated ``epochs`` times; with ``per_epoch``, ``demos`` holds one list of demonstrations per
+    epoch instead (fresh draws, ``--sft-fresh-tasks``). ``bf16``: forward and backward under CPU bf16 autocast
+    (matmuls in bf16; weights, loss and AdamW in fp32).
     """
+    epoch_demos = list(demos) if per_epoch else [demos] * epochs
+    if len(epoch_demos) != epochs:
+        raise ValueError(f"per_epoch: {len(epoch_demos)} lists of demonstrations for {epochs} epochs")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    steps = epochs * -(-len(demos) // batch_size)
+    steps = sum(-(-len(d) // batch_size) for d in epoch_demos)
     schedule = _one_cycle(optimizer, lr, steps)
     model.train()
     step, started = 0, time.perf_counter()
-    for epoch in range(epochs):
+    for epoch, demos in enumerate(epoch_demos):
         for rows in torch.randperm(len(demos), generator=generator).split(batch_size):
             batch = [demos[i] for i in rows.tolist()]
             width = max(len(ids) for ids, _ in batch)
@@ -319,6 +337,12 @@ def imitated_tasks(cfg) -> str | None:
     return None if not cfg.tasks or cfg.tasks.startswith(BFCL_PREFIX) else cfg.tasks
 
 
+def fresh_draws(cfg) -> bool:
+    """Whether each epoch imitates a fresh draw of train tasks (``--sft-fresh-tasks``): only the mock's tasks have
+    a generator; a task file of the user's is imitated as it is."""
+    return cfg.sft_fresh_tasks and imitated_tasks(cfg) is None
+
+
 def warm_start_key(base: Path, cfg) -> str:
     parts = [
         WARMSTART_VERSION,
@@ -330,6 +354,7 @@ def warm_start_key(base: Path, cfg) -> str:
         *([cfg.sft_give_up_fraction] if cfg.sft_give_up_fraction else []),
         *(["bf16"] if uses_bf16(cfg) else []),
         cfg.sft_tasks,
+        *(["fresh"] if fresh_draws(cfg) else []),
         cfg.warmstart_seed,
         imitated_tasks(cfg) or "mock",
     ]
@@ -366,28 +391,48 @@ def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     chat = ChatFormat(tokenizer)
     started = time.perf_counter()
-    demos = build_demonstrations(
-        chat,
-        tasks[: cfg.sft_tasks] if cfg.sft_tasks else tasks,
-        cfg.sft_error_fraction,
-        seed,
-        cut_fraction=cfg.sft_cut_fraction,
-        habit_share=cfg.sft_habit_share,
-        habit_rate=cfg.sft_habit_rate,
-        give_up_fraction=cfg.sft_give_up_fraction,
-    )
+    tasks = tasks[: cfg.sft_tasks] if cfg.sft_tasks else tasks
+    fresh = fresh_draws(cfg)
+    if fresh:
+        from mcp_mock.make_tasks import draw_train_tasks
+
+        draws = [draw_train_tasks(len(tasks), f"warm-{seed}-{k}") for k in range(cfg.sft_epochs)]
+    else:
+        draws = [tasks]
+
+    def demos_of(draw_tasks: list[dict], k: int) -> list:
+        return build_demonstrations(
+            chat,
+            draw_tasks,
+            cfg.sft_error_fraction,
+            seed,
+            cut_fraction=cfg.sft_cut_fraction,
+            habit_share=cfg.sft_habit_share,
+            habit_rate=cfg.sft_habit_rate,
+            give_up_fraction=cfg.sft_give_up_fraction,
+            draw=k if fresh else None,
+        )
+
+    demos = [demos_of(d, k) for k, d in enumerate(draws)]
     print(
-        f"warm start: {len(demos)} demonstrations played and tokenized ({time.perf_counter() - started:.0f}s)"
+        f"warm start: {sum(map(len, demos))} demonstrations played and tokenized "
+        f"({time.perf_counter() - started:.0f}s)"
+        + (
+            f", a fresh draw of {len(tasks)} train tasks for each of the {cfg.sft_epochs} epochs"
+            if fresh
+            else ""
+        )
     )
     supervised_finetune(
         model,
-        demos,
+        demos if fresh else demos[0],
         chat.pad_id,
         epochs=cfg.sft_epochs,
         lr=2e-3,
         batch_size=16,
         seed=seed,
         bf16=uses_bf16(cfg),
+        per_epoch=fresh,
     )
 
     def write(folder: Path) -> None:
@@ -405,7 +450,9 @@ def _main(argv: list[str]) -> None:
     from ppo.tiny.build import ensure_tiny
 
     cfg = from_dict(json.loads(argv[0]))
-    ensure_warm_start(ensure_tiny(), cfg, resolve_tasks(imitated_tasks(cfg), "train"))
+    ensure_warm_start(
+        ensure_tiny(copy_circuit=cfg.tiny_copy_circuit), cfg, resolve_tasks(imitated_tasks(cfg), "train")
+    )
 
 
 if __name__ == "__main__":
