@@ -48,7 +48,7 @@ def word_tokens(tokenizer) -> list[bool]:
     words = []
     for i in range(len(tokenizer)):
         text = tokenizer.decode([i])
-        words.append(bool(text.strip()) and text.lstrip(" ").isalpha())
+        words.append(text.lstrip(" ").isalpha())  # "" and whitespace are not alphabetic
     return words
 
 

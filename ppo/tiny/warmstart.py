@@ -392,15 +392,8 @@ def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
     chat = ChatFormat(tokenizer)
     started = time.perf_counter()
     tasks = tasks[: cfg.sft_tasks] if cfg.sft_tasks else tasks
-    fresh = fresh_draws(cfg)
-    if fresh:
-        from mcp_mock.make_tasks import draw_train_tasks
 
-        draws = [draw_train_tasks(len(tasks), f"warm-{seed}-{k}") for k in range(cfg.sft_epochs)]
-    else:
-        draws = [tasks]
-
-    def demos_of(draw_tasks: list[dict], k: int) -> list:
+    def demos_of(draw_tasks: list[dict], draw: int | None = None) -> list:
         return build_demonstrations(
             chat,
             draw_tasks,
@@ -410,29 +403,33 @@ def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
             habit_share=cfg.sft_habit_share,
             habit_rate=cfg.sft_habit_rate,
             give_up_fraction=cfg.sft_give_up_fraction,
-            draw=k if fresh else None,
+            draw=draw,
         )
 
-    demos = [demos_of(d, k) for k, d in enumerate(draws)]
-    print(
-        f"warm start: {sum(map(len, demos))} demonstrations played and tokenized "
-        f"({time.perf_counter() - started:.0f}s)"
-        + (
-            f", a fresh draw of {len(tasks)} train tasks for each of the {cfg.sft_epochs} epochs"
-            if fresh
-            else ""
+    if fresh_draws(cfg):
+        from mcp_mock.make_tasks import draw_train_tasks
+
+        epoch_demos = [
+            demos_of(draw_train_tasks(len(tasks), f"warm-{seed}-{k}"), k) for k in range(cfg.sft_epochs)
+        ]
+        played = (
+            f"{sum(map(len, epoch_demos))} demonstrations, of a fresh draw of {len(tasks)} train tasks for each of "
+            f"the {cfg.sft_epochs} epochs,"
         )
-    )
+    else:
+        epoch_demos = [demos_of(tasks)] * cfg.sft_epochs
+        played = f"{len(epoch_demos[0])} demonstrations"
+    print(f"warm start: {played} played and tokenized ({time.perf_counter() - started:.0f}s)")
     supervised_finetune(
         model,
-        demos if fresh else demos[0],
+        epoch_demos,
         chat.pad_id,
         epochs=cfg.sft_epochs,
         lr=2e-3,
         batch_size=16,
         seed=seed,
         bf16=uses_bf16(cfg),
-        per_epoch=fresh,
+        per_epoch=True,
     )
 
     def write(folder: Path) -> None:
