@@ -50,3 +50,49 @@ def test_shared_prefix_matches_the_plain_pass(small_tiny_dir, critic):
     assert_close(va, vb, rtol=1e-5, atol=1e-5)
     for x, y in zip(ga, gb, strict=True):
         assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_pack_rows_by_hand():
+    from models.prefix import pack_rows
+
+    # capacity 5 (the longest): 5 alone, 4 alone (the 3 does not fit beside it), then 3 and 2 together
+    assert pack_rows([5, 3, 2, 4, 0]) == [[0], [3], [1, 2]]
+    assert pack_rows([2, 2, 2, 2]) == [[0], [1], [2], [3]]  # nothing fits beside the longest
+    assert pack_rows([4, 1, 1, 1, 1]) == [[0], [1, 2, 3, 4]]
+    assert pack_rows([]) == [] and pack_rows([0, 0]) == []
+
+
+def test_packed_suffixes_give_the_padded_pass(small_tiny_dir):
+    """Packing the rows' suffixes changes no hidden state and no gradient, whatever sits on padding."""
+    from transformers import AutoModelForCausalLM
+
+    from models.prefix import hidden_with_shared_prefix
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(small_tiny_dir, dtype=torch.float32)
+    decoder = model.get_decoder()
+    prefix_len, lengths = 20, [12, 3, 7, 9, 0, 5]  # packs [0], [3, 1], [2, 5]; the empty suffix is skipped
+    ids = torch.cat([torch.randint(10, 500, (1, prefix_len)).expand(6, -1), torch.randint(10, 500, (6, 12))], 1)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, prefix_len + n :] = 0
+    real = mask.bool()
+
+    def run(pack: bool, junk: int):
+        decoder.zero_grad()
+        noisy = torch.where(real, ids, junk)  # what sits on padding must not matter
+        hidden = hidden_with_shared_prefix(decoder, noisy, mask, prefix_len, pack=pack)
+        (hidden[real] * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
+        return hidden[real], [p.grad.clone() for p in decoder.parameters()]
+
+    (packed, packed_grads), (padded, padded_grads) = run(True, 7), run(False, 0)
+    assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for x, y in zip(packed_grads, padded_grads, strict=True):
+        assert_close(x, y, rtol=1e-3, atol=1e-4)  # sums over 48 tokens in another order: fp32 noise
+    assert_close(run(True, 499)[0], packed)
+    with torch.no_grad():
+        assert hidden_with_shared_prefix(decoder, ids, mask, prefix_len)[~real].abs().max() == 0
+        left = torch.ones_like(mask)
+        left[1, prefix_len] = 0  # a hole after the prefix: not right padding
+        with pytest.raises(ValueError, match="right padded"):
+            hidden_with_shared_prefix(decoder, ids, left, prefix_len)

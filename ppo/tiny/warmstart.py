@@ -44,7 +44,7 @@ import torch
 from env.parsing import call_text
 
 MISTAKES = ("invalid_json", "invented_tool", "wrong_type")
-WARMSTART_VERSION = "w4"
+WARMSTART_VERSION = "w5"
 
 
 def broken_json(name: str, args: dict) -> list[str]:
