@@ -89,9 +89,9 @@ def packed_layout(attention_mask: torch.Tensor, prefix_len: int):
     """Where each row's suffix goes when the suffixes are packed (``pack_rows``).
 
     attention_mask (B, T), right padded after the prefix. Returns (rows, cols, packed_rows, packed_cols,
-    segment, width): a real suffix token at (rows[i], cols[i]) of the batch goes to (packed_rows[i],
-    packed_cols[i]) of an (R, width) packed batch, and ``segment`` (R, width) names the batch row each packed
-    position comes from (-1 on padding).
+    segment): a real suffix token at (rows[i], cols[i]) of the batch goes to (packed_rows[i], packed_cols[i]) of
+    the (R, W) packed batch, and ``segment`` (R, W) names the batch row each packed position comes from (-1 on
+    padding).
     """
     suffix = attention_mask[:, prefix_len:].bool()  # (B, S)
     lengths = suffix.sum(dim=1)  # (B,)
@@ -111,7 +111,7 @@ def packed_layout(attention_mask: torch.Tensor, prefix_len: int):
             packed_rows.append(torch.full((n,), r))
             packed_cols.append(torch.arange(at, at + n))
             at += n
-    return *(torch.cat(x) for x in (rows, cols, packed_rows, packed_cols)), segment, width
+    return *(torch.cat(x) for x in (rows, cols, packed_rows, packed_cols)), segment
 
 
 def _packed_mask(segment: torch.Tensor, prefix_len: int) -> torch.Tensor:
@@ -147,9 +147,11 @@ def hidden_with_shared_prefix(
     """
     batch, total = input_ids.shape
     if pack:
-        rows, cols, packed_rows, packed_cols, segment, width = packed_layout(attention_mask, prefix_len)
+        rows, cols, packed_rows, packed_cols, segment = packed_layout(attention_mask, prefix_len)
         head, cache = _prefix_cache(decoder, input_ids[:1, :prefix_len], segment.shape[0])
-        packed_ids = input_ids.new_zeros(segment.shape).index_put((packed_rows, packed_cols), input_ids[rows, cols])
+        packed_ids = input_ids.new_zeros(segment.shape).index_put(
+            (packed_rows, packed_cols), input_ids[rows, cols]
+        )
         positions = packed_ids.new_zeros(segment.shape).index_put((packed_rows, packed_cols), cols)
         rest = decoder(
             input_ids=packed_ids,  # (R, W)

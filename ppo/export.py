@@ -185,13 +185,9 @@ def _export(args, out: Path) -> None:
     from ppo.infra.checkpoint import write_folder_atomically
     from ppo.infra.setup import load_policy, policy_config, prepare_model
 
-    args.preset, args.mcp_server, args.device, args.max_new_tokens, args.max_context = (
-        "tiny",
-        None,
-        "cpu",
-        0,
-        0,
-    )
+    # What policy_config reads beyond --checkpoint and --model: export always takes the run's own settings.
+    args.preset, args.mcp_server, args.device, args.tiny_copy_circuit = "tiny", None, "cpu", False
+    args.max_new_tokens = args.max_context = 0
     cfg = policy_config(args)
     checkpoint = Path(args.checkpoint)
     if args.adapter_only and not (checkpoint / "adapter_config.json").is_file():

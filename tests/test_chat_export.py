@@ -232,3 +232,19 @@ def test_evaluate_writes_every_episode_it_scored(trained_run, tmp_path):
         turns = [m for m in record["messages"] if m["role"] == "assistant"]
         assert len(turns) == len(record["statuses"]) and "<tool_call>" in turns[0]["content"]
         assert record["messages"][0]["role"] in ("system", "user")
+
+
+def test_adapters_trained_on_another_base_are_refused(trained_run):
+    """A run config that leads to another base than the adapters' (a base-choosing setting missing from an
+    older config) is refused before anything loads, instead of playing the adapters on the wrong base."""
+    from ppo.infra.checkpoint import CheckpointError, latest_checkpoint
+    from ppo.infra.setup import check_adapter_base, load_policy
+
+    checkpoint = latest_checkpoint(trained_run / "run")
+    derived = Config(warmstart=False)  # no --model: the base is the one the config builds
+    check_adapter_base(derived, checkpoint, str(trained_run / "model"))  # its own base, by folder name
+    with pytest.raises(CheckpointError, match=r"trained on the base .*model, but the run's config leads to"):
+        load_policy(derived, adapters=checkpoint, device="cpu", model_path="/cache/tiny-v3-0ther")
+    check_adapter_base(
+        Config(model="/my/copy"), checkpoint, "/my/copy"
+    )  # named with --model: the user's call

@@ -72,7 +72,9 @@ def test_packed_suffixes_give_the_padded_pass(small_tiny_dir):
     model = AutoModelForCausalLM.from_pretrained(small_tiny_dir, dtype=torch.float32)
     decoder = model.get_decoder()
     prefix_len, lengths = 20, [12, 3, 7, 9, 0, 5]  # packs [0], [3, 1], [2, 5]; the empty suffix is skipped
-    ids = torch.cat([torch.randint(10, 500, (1, prefix_len)).expand(6, -1), torch.randint(10, 500, (6, 12))], 1)
+    ids = torch.cat(
+        [torch.randint(10, 500, (1, prefix_len)).expand(6, -1), torch.randint(10, 500, (6, 12))], 1
+    )
     mask = torch.ones_like(ids)
     for row, n in enumerate(lengths):
         mask[row, prefix_len + n :] = 0

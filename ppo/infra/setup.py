@@ -37,8 +37,11 @@ def load_policy(
     ``model_path`` is what ``prepare_model(cfg)`` returned (called here when not given)."""
     from models import load_actor_critic
 
+    model_path = model_path or prepare_model(cfg)
+    if adapters is not None:
+        check_adapter_base(cfg, adapters, model_path)
     actor_critic = load_actor_critic(
-        model_path or prepare_model(cfg),
+        model_path,
         quantization=cfg.quantization,
         lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -50,6 +53,31 @@ def load_policy(
     if adapters is not None:
         actor_critic.load_adapters(adapters)
     return actor_critic
+
+
+def check_adapter_base(cfg: Config, adapters: str | Path, model_path: str) -> None:
+    """Refuse adapters trained on another base than ``model_path``, the one the run's config leads to.
+
+    A run's config written before a setting that chooses the base existed (``--tiny-copy-circuit``) reads back
+    with that setting's default, and so leads to another base, under which the adapters would load without an
+    error and play a different policy. Bases are compared by folder name (a tiny base's name holds the hash of
+    its recipe; a moved cache keeps it). A base named with ``--model`` is the user's choice and is not checked.
+    """
+    import json
+
+    from models.actor_critic import SETTINGS_FILE
+    from ppo.infra.checkpoint import CheckpointError
+
+    saved = Path(adapters) / SETTINGS_FILE
+    if cfg.model or not saved.is_file():
+        return
+    trained_on = json.loads(saved.read_text(encoding="utf-8")).get("name_or_path")
+    if trained_on and Path(trained_on).name != Path(model_path).name:
+        raise CheckpointError(
+            f"the adapters in {adapters} were trained on the base {trained_on}, but the run's config leads to "
+            f"{model_path} (a setting that chose the base may be missing from an older run's config); pass "
+            f"--model {trained_on} to play them on their own base"
+        )
 
 
 def build_optimizer(cfg: Config, actor_critic) -> torch.optim.Optimizer:
@@ -129,6 +157,11 @@ def add_policy_arguments(parser) -> None:
     )
     parser.add_argument("--device", help="torch device")
     parser.add_argument(
+        "--tiny-copy-circuit",
+        action="store_true",
+        help="without --checkpoint: the tiny base wired to copy names (as ppo.train --tiny-copy-circuit)",
+    )
+    parser.add_argument(
         "--max-new-tokens", type=_non_negative, default=0, help="per-turn token limit (default: the config's)"
     )
     parser.add_argument(
@@ -152,7 +185,8 @@ def _non_negative(text: str) -> int:
 def policy_config(args) -> Config:
     """The config of a command that plays a policy (``ppo.evaluate``, ``ppo.chat``): the run's own config with
     ``--checkpoint`` (``args.checkpoint`` becomes the checkpoint folder), else ``--preset``'s; ``--model``,
-    ``--mcp-server``, ``--device``, ``--max-new-tokens`` and ``--max-context`` override it when given."""
+    ``--mcp-server``, ``--device``, ``--tiny-copy-circuit``, ``--max-new-tokens`` and ``--max-context`` override it
+    when given."""
     import dataclasses
 
     from ppo.infra.config import PRESETS, from_dict
@@ -168,6 +202,8 @@ def policy_config(args) -> Config:
     for name in ("model", "mcp_server", "device"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    if args.tiny_copy_circuit:
+        cfg.tiny_copy_circuit = True
     if args.max_new_tokens:
         cfg.max_new_tokens = args.max_new_tokens
     if args.max_context:
