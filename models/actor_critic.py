@@ -44,6 +44,8 @@ class ActorCritic(nn.Module):
         self.settings = settings
         # Compute the prefix all rows share (the system turn with the tools) once per pass; see models.prefix.
         self.share_prefix = True
+        # After the shared prefix, pack the rows' suffixes instead of padding them (same results; models.prefix).
+        self.pack_suffixes = True
         device = model.get_input_embeddings().weight.device
         self.value_head = nn.Linear(self.config.hidden_size, 1, device=device, dtype=torch.float32)
         # Small weights: initial values near 0 (not swamping the first targets), yet a nonzero gradient
@@ -123,7 +125,9 @@ class ActorCritic(nn.Module):
         decoder = self.model.get_base_model().model
         prefix_len = self._prefix_to_share(input_ids, attention_mask)
         if prefix_len:
-            hidden = hidden_with_shared_prefix(decoder, input_ids, attention_mask, prefix_len)
+            hidden = hidden_with_shared_prefix(
+                decoder, input_ids, attention_mask, prefix_len, pack=self.pack_suffixes
+            )
         else:
             out = decoder(
                 input_ids=input_ids,

@@ -74,6 +74,9 @@ def test_every_cpu_measurement_ran(quick_results):
     assert "error" not in trainer and trainer["episodes"] == 8, trainer
     assert _positive(trainer["ppo_epochs_tokens_per_s"]) and _positive(trainer["scoring_s"])
     assert _positive(quick_results["cpu"]["tiny"]["trainer_update_vs_per_episode"])
+    padded = quick_results["cpu"]["tiny"]["trainer_update_padded"]  # the same batch, suffixes padded
+    assert padded["tokens"] == trainer["tokens"] and _positive(padded["ppo_epochs_tokens_per_s"])
+    assert _positive(quick_results["cpu"]["tiny"]["trainer_update_packed_vs_padded"])
     memory = quick_results["cpu"]["memory"]
     for layout in ("policy_alone", "trainer", "three_copies"):
         assert memory[layout]["tensor_bytes"] > 0

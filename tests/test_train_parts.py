@@ -363,3 +363,29 @@ def test_fresh_draws_have_a_warm_start_of_their_own(tmp_path):
     own.write_text("")
     mine = parse_args(["--preset", "tiny", "--sft-fresh-tasks", "--tasks", str(own)])
     assert not fresh_draws(mine)  # a user's task file has no generator: imitated as it is
+
+
+def test_the_warm_start_loss_is_the_same_packed_or_padded(small_tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ppo.tiny.warmstart import sft_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(small_tiny_dir, dtype=torch.float32)
+    ids = torch.cat([torch.randint(3, 200, (1, 24)).expand(4, -1), torch.randint(3, 200, (4, 30))], dim=1)
+    attn = torch.ones_like(ids)
+    for row, n in enumerate([30, 4, 17, 9]):
+        attn[row, 24 + n :] = 0
+    labels = torch.where(
+        attn.bool() & (torch.arange(54) % 3 == 0), ids, -100
+    )  # labels start after the prefix
+    labels[:, :25] = -100
+    losses = {}
+    for pack in (True, False):
+        model.zero_grad()
+        losses[pack] = sft_loss(model, ids, attn, labels, pack=pack)
+        losses[pack].backward()
+        losses[pack] = (losses[pack].item(), [p.grad.clone() for p in model.parameters()])
+    assert abs(losses[True][0] - losses[False][0]) < 1e-5
+    for a, b in zip(losses[True][1], losses[False][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

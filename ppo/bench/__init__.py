@@ -83,6 +83,16 @@ def cpu_model_section(
         up = rec.attempt(out, "trainer_update", lambda: trainer_update_throughput(ac, pad, **shape))
         if "per_episode_hf_generate" in roll and "ppo_epochs_tokens_per_s" in up:
             out["trainer_update_vs_per_episode"] = up["ppo_epochs_tokens_per_s"] / baseline
+        # The same update with the suffixes padded after the shared prefix instead of packed (models.prefix).
+        ac.pack_suffixes = False
+        padded = rec.attempt(
+            out, "trainer_update_padded", lambda: trainer_update_throughput(ac, pad, **shape)
+        )
+        ac.pack_suffixes = True
+        if "ppo_epochs_tokens_per_s" in up and "ppo_epochs_tokens_per_s" in padded:
+            out["trainer_update_packed_vs_padded"] = (
+                up["ppo_epochs_tokens_per_s"] / padded["ppo_epochs_tokens_per_s"]
+            )
     return out
 
 

@@ -251,14 +251,17 @@ def _one_cycle(optimizer, lr: float, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
 
 
-def sft_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the labelled tokens (B, T), the prefix all rows share computed once."""
+def sft_loss(
+    model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor, *, pack: bool = True
+) -> torch.Tensor:
+    """Mean cross-entropy of the labelled tokens (B, T), the prefix all rows share computed once (and with ``pack``
+    the rows' suffixes packed instead of padded: ``models.prefix``)."""
     from models.prefix import MIN_SHARED_PREFIX, hidden_with_shared_prefix, shared_prefix_length
 
     decoder = model.get_decoder()
     prefix = shared_prefix_length(ids, attn)
     if prefix >= MIN_SHARED_PREFIX:
-        hidden = hidden_with_shared_prefix(decoder, ids, attn, prefix)
+        hidden = hidden_with_shared_prefix(decoder, ids, attn, prefix, pack=pack)
     else:
         hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
     # Only the labelled positions go through the vocabulary projection: the loss covers ~10% of tokens.
