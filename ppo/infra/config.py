@@ -166,8 +166,9 @@ class Config:
     """share of the tools with a habitual mistake, made in sft_habit_rate of their demonstrations"""
     sft_habit_rate: float = 0.6
     """share of a habit tool's demonstrations that open with its habitual mistake (above 0.5: greedy makes it)"""
-    sft_give_up_fraction: float = 0.6
-    """share of flawed demonstrations that give up after the error instead of recovering"""
+    sft_give_up_fraction: float = 0.8
+    """share of flawed demonstrations that give up after the error instead of recovering (well above 0.5, so that
+    greedy decoding gives up after its errors whatever the warm start's rounding: at 0.6 one build did, the next not)"""
     sft_bf16: bool = True
     """run the warm start's matmuls under bf16 autocast on CPUs with bf16 units (weights and AdamW stay fp32)"""
     warmstart_seed: int = 0
