@@ -157,16 +157,23 @@ def load_actor_critic(
     return ac
 
 
+def saved_settings(directory: str | Path) -> dict[str, Any] | None:
+    """The loading settings (base, quantization, LoRA shape) `ActorCritic.save_pretrained` wrote in `directory`;
+    None when it holds none."""
+    path = Path(directory) / SETTINGS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def load_checkpoint(directory: str | Path, **overrides: Any) -> ActorCritic:
     """Rebuild the ActorCritic saved in `directory` by `ActorCritic.save_pretrained`.
 
     `overrides` replace saved settings or add loading options (e.g. `device`, or `name_or_path` when the
     base model moved).
     """
-    settings_path = Path(directory) / SETTINGS_FILE
-    if not settings_path.is_file():
+    saved = saved_settings(directory)
+    if saved is None:
         raise ModelLoadError(
             f"No {SETTINGS_FILE} in {directory}: it is not a checkpoint written by save_pretrained."
         )
-    settings = {**json.loads(settings_path.read_text(encoding="utf-8")), **overrides}
+    settings = {**saved, **overrides}
     return load_actor_critic(settings.pop("name_or_path"), adapters=directory, **settings)

@@ -160,9 +160,9 @@ def hidden_with_shared_prefix(
             use_cache=True,
             **cache,
         ).last_hidden_state  # (R, W, H)
-        suffix = rest.new_zeros((batch, total, rest.shape[-1]))
-        suffix = suffix.index_put((rows, cols), rest[packed_rows, packed_cols])  # (B, T, H), zero elsewhere
-        return torch.cat([head.expand(batch, prefix_len, -1), suffix[:, prefix_len:]], dim=1)  # (B, T, H)
+        suffix = rest.new_zeros((batch, total - prefix_len, rest.shape[-1]))  # (B, T - P, H), zero on padding
+        suffix = suffix.index_put((rows, cols - prefix_len), rest[packed_rows, packed_cols])
+        return torch.cat([head.expand(batch, prefix_len, -1), suffix], dim=1)  # (B, T, H)
     head, cache = _prefix_cache(decoder, input_ids[:1, :prefix_len], batch)
     rest = decoder(
         input_ids=input_ids[:, prefix_len:],

@@ -245,6 +245,5 @@ def test_adapters_trained_on_another_base_are_refused(trained_run):
     check_adapter_base(derived, checkpoint, str(trained_run / "model"))  # its own base, by folder name
     with pytest.raises(CheckpointError, match=r"trained on the base .*model, but the run's config leads to"):
         load_policy(derived, adapters=checkpoint, device="cpu", model_path="/cache/tiny-v3-0ther")
-    check_adapter_base(
-        Config(model="/my/copy"), checkpoint, "/my/copy"
-    )  # named with --model: the user's call
+    # a base named with --model is the user's call: not checked
+    check_adapter_base(Config(model="/my/copy"), checkpoint, "/my/copy")

@@ -376,10 +376,8 @@ def test_the_warm_start_loss_is_the_same_packed_or_padded(small_tiny_dir):
     attn = torch.ones_like(ids)
     for row, n in enumerate([30, 4, 17, 9]):
         attn[row, 24 + n :] = 0
-    labels = torch.where(
-        attn.bool() & (torch.arange(54) % 3 == 0), ids, -100
-    )  # labels start after the prefix
-    labels[:, :25] = -100
+    labels = torch.where(attn.bool() & (torch.arange(54) % 3 == 0), ids, -100)
+    labels[:, :25] = -100  # labels start after the prefix (and its first suffix token)
     losses = {}
     for pack in (True, False):
         model.zero_grad()

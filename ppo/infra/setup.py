@@ -63,15 +63,11 @@ def check_adapter_base(cfg: Config, adapters: str | Path, model_path: str) -> No
     error and play a different policy. Bases are compared by folder name (a tiny base's name holds the hash of
     its recipe; a moved cache keeps it). A base named with ``--model`` is the user's choice and is not checked.
     """
-    import json
-
-    from models.actor_critic import SETTINGS_FILE
+    from models.loading import saved_settings
     from ppo.infra.checkpoint import CheckpointError
 
-    saved = Path(adapters) / SETTINGS_FILE
-    if cfg.model or not saved.is_file():
-        return
-    trained_on = json.loads(saved.read_text(encoding="utf-8")).get("name_or_path")
+    saved = None if cfg.model else saved_settings(adapters)
+    trained_on = (saved or {}).get("name_or_path")
     if trained_on and Path(trained_on).name != Path(model_path).name:
         raise CheckpointError(
             f"the adapters in {adapters} were trained on the base {trained_on}, but the run's config leads to "
