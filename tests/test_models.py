@@ -481,22 +481,34 @@ def test_chunked_logprobs_and_entropy_match_autograd_through_full_logits(tempera
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def _repeat_accuracy(model, ids_to_draw: list[int], length: int) -> tuple[float, float]:
+def _repeat_accuracy(
+    model, ids_to_draw: list[int], length: int, separator: int | None = None
+) -> tuple[float, float]:
     """Argmax accuracy on rows of ``length`` distinct tokens (of ``ids_to_draw``) repeated once: on the repeat
-    (copyable) and on the first copy (nothing to copy from)."""
+    (copyable) and on the first copy (nothing to copy from). With ``separator``, the row is a list, that token
+    before every element, and only the elements are scored."""
     generator = torch.Generator().manual_seed(1)
     rows = [torch.randperm(len(ids_to_draw), generator=generator)[:length] for _ in range(4)]
     x = torch.tensor(ids_to_draw)[torch.stack(rows)]
+    if separator is not None:
+        x = torch.stack([torch.full_like(x, separator), x], dim=2).flatten(1)  # sep a1 sep a2 ...
     ids = torch.cat([x, x], dim=1)
     with torch.no_grad():
         hits = model(ids).logits.argmax(-1)[:, :-1] == ids[:, 1:]
-    return hits[:, length:].float().mean().item(), hits[:, : length - 1].float().mean().item()
+    scored = ids[:, 1:] != separator if separator is not None else torch.ones_like(hits)
+    n = x.shape[1]
+    return (
+        hits[:, n:][scored[:, n:]].float().mean().item(),
+        hits[:, : n - 1][scored[:, : n - 1]].float().mean().item(),
+    )
 
 
-def test_the_tiny_model_is_built_wired_to_copy_names(tmp_path):
-    """`wire_copying`: before any training, the saved tiny model predicts a repeated row of word pieces from its
-    first copy (a piece seen before is followed by what followed it then), and not a row of digits and
-    punctuation (left to training); a randomly initialised one copies neither."""
+def test_the_tiny_model_is_built_wired_to_copy_names_and_numbers(tmp_path):
+    """`wire_copying`: before any training, the saved tiny model predicts a repeated row of word pieces and digits
+    from its first copy (a piece seen before is followed by what followed it then), and not a row of punctuation
+    and markup (left to training); a randomly initialised one copies neither. In a list, where the same separator
+    precedes every element, it copies the element after the separator that followed the last one (a match on the
+    two tokens before), which a one-token match could not tell apart."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     texts = [
@@ -504,16 +516,23 @@ def test_the_tiny_model_is_built_wired_to_copy_names(tmp_path):
     ] * 4
     wired = tiny.build_tiny(tmp_path / "wired", texts, vocab_size=300, copy_circuit=True)
     plain = tiny.build_tiny(tmp_path / "plain", texts, vocab_size=300)
-    words = tiny.word_tokens(AutoTokenizer.from_pretrained(wired))
+    tokenizer = AutoTokenizer.from_pretrained(wired)
+    copied = tiny.copy_tokens(tokenizer)
     special = 3  # pad, bos/eos: never in a row
-    word_ids = [i for i, w in enumerate(words) if w and i >= special]
-    other_ids = [i for i, w in enumerate(words) if not w and i >= special]
-    assert len(word_ids) > 50 and len(other_ids) > 50
+    copy_ids = [i for i, c in enumerate(copied) if c and i >= special]
+    other_ids = [i for i, c in enumerate(copied) if not c and i >= special]
+    assert len(copy_ids) > 50 and len(other_ids) > 50
+    assert all(copied[i] for i in tokenizer.encode("0 1 2 3 4 5 6 7 8 9 Silver", add_special_tokens=False)
+               if tokenizer.decode([i]).strip())  # fmt: skip
+    separator = tokenizer.encode(", ", add_special_tokens=False)
+    assert len(separator) == 1 and not copied[separator[0]]
     for folder, least in ((wired, 0.7), (plain, 0.0)):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        repeat, first = _repeat_accuracy(model, word_ids, 40)
+        repeat, first = _repeat_accuracy(model, copy_ids, 40)
         assert least <= repeat and (least > 0 or repeat < 0.05), (folder.name, repeat)
         assert first < 0.05  # nothing to copy from: no better than chance
-        assert _repeat_accuracy(model, other_ids, 40)[0] < 0.05  # digits and punctuation are not copied
-    with pytest.raises(ValueError, match="the copying circuit needs hidden_size >= 3 \\* head_dim \\+ 1"):
+        assert _repeat_accuracy(model, other_ids, 40)[0] < 0.05  # punctuation and markup are not copied
+        listed = _repeat_accuracy(model, copy_ids, 20, separator=separator[0])[0]
+        assert least <= listed and (least > 0 or listed < 0.05), (folder.name, listed)
+    with pytest.raises(ValueError, match="the copying circuit needs hidden_size >= 3 \\* head_dim \\+ 25"):
         tiny.build_tiny(tmp_path / "narrow", texts, vocab_size=300, hidden_size=128, copy_circuit=True)
