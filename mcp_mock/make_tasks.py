@@ -116,18 +116,109 @@ def _seed_sql() -> str:
     return (Path(__file__).parent / "data" / "seed.sql").read_text(encoding="utf-8")
 
 
-def draw_train_tasks(count: int, seed: str, prefix: str = "draw") -> list[dict]:
+# Pieces of invented entity names: syllables of new words, and the endings of the seeded city names.
+SYLLABLES = ["bar", "cel", "dor", "fen", "gal", "hol", "kir", "lam", "mor", "nel", "pim", "quor", "ras", "sol",
+             "tam", "vel", "wen", "yar", "zol", "bri", "cra", "dro", "fli", "gro", "pla", "stu", "tre", "vin"]  # fmt: skip
+CITY_ENDINGS = [
+    "by",
+    "water",
+    "field",
+    "port",
+    "mere",
+    "down",
+    "hollow",
+    "ton",
+    "ford",
+    "wick",
+    "stead",
+    "holm",
+]
+
+
+def invented_word(rng: random.Random) -> str:
+    """A capitalised word of two or three syllables, such as 'Velmor' or 'Crastudor'."""
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def invented_pool(seed_sql: str, rng: random.Random, size: int = 60) -> templates.Pool:
+    """The train pool plus ``size`` invented products, customers and new customer names and ``size // 6``
+    invented cities, none of them an entity of any split (so no val or test entity either), each written into the
+    database by the setup of a task that names it (``with_setup``).
+
+    Products pair a colour or material of the seeded ones with an item or an invented word ('Copper Velmor',
+    'Gralam Kettle'); cities join an invented or a seeded first half to a seeded ending ('Tamford'); customers
+    pair a first and a last name, either of them invented."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(seed_sql)
+    taken = {name for (name,) in conn.execute("SELECT name FROM products")}
+    taken |= {name for (name,) in conn.execute("SELECT full_name FROM customers")}
+    taken |= {city for (city,) in conn.execute("SELECT city FROM customers")}
+    taken |= {f"{f} {s}" for f in NEW_FIRST for s in NEW_LAST}
+    words = sorted({name.split(" ", 1)[0] for name in taken if " " in name})
+    items = sorted({name.split(" ", 1)[1] for (name,) in conn.execute("SELECT name FROM products")})
+    pool = make_pools(seed_sql)["train"]
+
+    def fresh(make) -> str:
+        while (name := make()) in taken:
+            pass
+        taken.add(name)
+        return name
+
+    def product_name() -> str:
+        first = rng.choice(words) if rng.random() < 0.5 else invented_word(rng)
+        return f"{first} {rng.choice(items) if rng.random() < 0.5 else invented_word(rng)}"
+
+    def person() -> str:
+        first = rng.choice(words) if rng.random() < 0.5 else invented_word(rng)
+        return f"{first} {invented_word(rng)}"
+
+    cities = [fresh(lambda: invented_word(rng)[: rng.randint(3, 6)] + rng.choice(CITY_ENDINGS))
+              for _ in range(size // 6)]  # fmt: skip
+    for k in range(size):
+        pool.products.append(
+            (10_000 + k, fresh(product_name), round(rng.uniform(2, 99), 2), rng.randint(0, 199))
+        )
+        pool.customers.append((10_000 + k, fresh(person), rng.choice(cities), None))
+        pool.new_names.append(fresh(person))
+    pool.cities += cities
+    for _, _, city, _ in pool.customers[-size:]:
+        pool.city_counts[city] = pool.city_counts.get(city, 0) + 1
+    pool.order_counts.update({c[0]: 0 for c in pool.customers[-size:]})
+    return pool
+
+
+def with_setup(task: dict, pool: templates.Pool) -> dict:
+    """``task`` with the setup calls (``execute_write``) that create the invented entities its prompt names: a
+    product, a customer, or every customer of a city (so that counting them gives the pool's count)."""
+    text = task["prompt"]
+    rows = [f"INSERT INTO products (id, name, category, price, stock) VALUES ({pid}, '{name}', 'invented', {price}, "
+            f"{stock})" for pid, name, price, stock in pool.products if pid >= 10_000 and f"'{name}'" in text]  # fmt: skip
+    rows += [
+        f"INSERT INTO customers (id, full_name, city, email) VALUES ({cid}, '{name}', '{city}', NULL)"
+        for cid, name, city, _ in pool.customers
+        if cid >= 10_000 and (f"'{name}'" in text or f" {city}." in text or f"id {cid}." in text)
+    ]
+    if not rows:
+        return task
+    return {**task, "setup": [{"name": "execute_write", "arguments": {"sql": sql}} for sql in rows]}
+
+
+def draw_train_tasks(count: int, seed: str, prefix: str = "draw", invented: bool = False) -> list[dict]:
     """`count` tasks drawn afresh from the train entities, in the train split's mix, with values of their own.
 
     For imitation that must learn to copy values rather than memorize a fixed set of answers: each draw (a
     `seed`) gives new numbers, records and pairings of train entities. No prompt of the val or test split is
     ever drawn (a template without entities, such as arithmetic, could otherwise hit one); prompts may repeat
-    within a draw and may be those of the train split."""
+    within a draw and may be those of the train split. ``invented``: the pool also holds invented products,
+    customers and cities (``invented_pool``), which no memory of the train split can name, and each task that
+    names one creates it in its setup."""
     from .tasks import load_tasks
 
     held_out = {t["prompt"] for split in ("val", "test") for t in load_tasks(split)}
-    pool = make_pools(_seed_sql())["train"]
-    return make_split("train", pool, random.Random(seed), held_out, size=count, distinct=False, prefix=prefix)
+    rng = random.Random(seed)
+    pool = invented_pool(_seed_sql(), rng) if invented else make_pools(_seed_sql())["train"]
+    tasks = make_split("train", pool, rng, held_out, size=count, distinct=False, prefix=prefix)
+    return [with_setup(task, pool) for task in tasks] if invented else tasks
 
 
 def render(tasks: list[dict]) -> str:

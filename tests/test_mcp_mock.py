@@ -354,6 +354,41 @@ def test_fresh_draws_use_train_entities_only():
     assert {t["id"].split("-")[0] for t in draw} == {"draw"}
 
 
+def test_invented_entities_belong_to_no_split_and_their_tasks_are_solved(tmp_path):
+    """A fresh draw with invented entities (``--sft-invented-entities``): its invented products, customers and
+    cities are no entity of any split, its prompts hold no val or test entity, and every task that names one
+    creates it in its setup, so that its oracle solves it on the real server."""
+    from env.check import check_tasks
+
+    draw = make_tasks.draw_train_tasks(300, "inv-a", invented=True)
+    assert draw == make_tasks.draw_train_tasks(300, "inv-a", invented=True)
+    seeded = (make_data.DATA_DIR / "seed.sql").read_text(encoding="utf-8")
+    pools = make_tasks.make_pools(seeded)
+    held = [p[1] for split in ("val", "test") for p in pools[split].products]
+    held += [c[1] for split in ("val", "test") for c in pools[split].customers]
+    held += [d["title"] for split in ("val", "test") for d in pools[split].docs]
+    held += [n for split in ("val", "test") for n in pools[split].cities + pools[split].new_names]
+    for task in draw:
+        assert not [n for n in held if n in task["prompt"]], task["prompt"]
+    invented = [t for t in draw if "setup" in t]
+    assert len(invented) >= 30 and {t["category"] for t in invented} >= {"database", "recovery", "multi_step"}
+    for task in invented:
+        for call in task["setup"]:
+            name = re.search(r"VALUES \(\d+, '([^']+)'", call["arguments"]["sql"]).group(1)
+            assert f"'{name}'" not in seeded, name  # not an entity of the seeded database
+    path = tmp_path / "invented.jsonl"
+    path.write_text(make_tasks.render(invented), encoding="utf-8")
+    reports = check_tasks(path)
+    assert [r.verdict for r in reports] == ["solved"] * len(invented), [
+        r for r in reports if r.verdict != "solved"
+    ]
+    bare = [{k: v for k, v in t.items() if k != "setup"} for t in invented if t["category"] == "database"]
+    path.write_text(make_tasks.render(bare), encoding="utf-8")
+    assert any(
+        r.verdict != "solved" for r in check_tasks(path)
+    )  # without its setup, an invented entity is missing
+
+
 def test_bundled_files_equal_their_generators():
     for name, text in make_data.generate().items():
         assert (make_data.DATA_DIR / name).read_text(encoding="utf-8") == text, name

@@ -343,7 +343,7 @@ def imitated_tasks(cfg) -> str | None:
 def fresh_draws(cfg) -> bool:
     """Whether each epoch imitates a fresh draw of train tasks (``--sft-fresh-tasks``): only the mock's tasks have
     a generator; a task file of the user's is imitated as it is."""
-    return cfg.sft_fresh_tasks and imitated_tasks(cfg) is None
+    return (cfg.sft_fresh_tasks or cfg.sft_invented_entities) and imitated_tasks(cfg) is None
 
 
 def warm_start_key(base: Path, cfg) -> str:
@@ -358,6 +358,7 @@ def warm_start_key(base: Path, cfg) -> str:
         *(["bf16"] if uses_bf16(cfg) else []),
         cfg.sft_tasks,
         *(["fresh"] if fresh_draws(cfg) else []),
+        *(["invented"] if fresh_draws(cfg) and cfg.sft_invented_entities else []),
         cfg.warmstart_seed,
         imitated_tasks(cfg) or "mock",
     ]
@@ -413,7 +414,8 @@ def ensure_warm_start(base: str | Path, cfg, tasks: list[dict]) -> Path:
         from mcp_mock.make_tasks import draw_train_tasks
 
         epoch_demos = [
-            demos_of(draw_train_tasks(len(tasks), f"warm-{seed}-{k}"), k) for k in range(cfg.sft_epochs)
+            demos_of(draw_train_tasks(len(tasks), f"warm-{seed}-{k}", invented=cfg.sft_invented_entities), k)
+            for k in range(cfg.sft_epochs)
         ]
         played = (
             f"{sum(map(len, epoch_demos))} demonstrations, of a fresh draw of {len(tasks)} train tasks for each of "
