@@ -77,6 +77,12 @@ def test_every_cpu_measurement_ran(quick_results):
     padded = quick_results["cpu"]["tiny"]["trainer_update_padded"]  # the same batch, suffixes padded
     assert padded["tokens"] == trainer["tokens"] and _positive(padded["ppo_epochs_tokens_per_s"])
     assert _positive(quick_results["cpu"]["tiny"]["trainer_update_packed_vs_padded"])
+    for name in ("warmstart_step", "warmstart_step_padded"):  # the warm start's supervised steps, both ways
+        step = quick_results["cpu"]["tiny"][name]
+        assert (
+            "error" not in step and _positive(step["s_per_step"]) and _positive(step["labelled_tokens_per_s"])
+        )
+    assert _positive(quick_results["cpu"]["tiny"]["warmstart_step_packed_vs_padded"])
     memory = quick_results["cpu"]["memory"]
     for layout in ("policy_alone", "trainer", "three_copies"):
         assert memory[layout]["tensor_bytes"] > 0

@@ -44,12 +44,15 @@ from ppo.bench.measure import (
     tensor_bytes,
     trainer_update_throughput,
     update_throughput,
+    warmstart_step_throughput,
 )
 
 __all__ = ["main", "tensor_bytes"]
 
 
 TINY_EPISODES = {"episodes": 64, "prefix": 300, "suffix": (20, 280)}
+# A warm-start batch of the tiny default: 16 demonstrations, the same shared prefix and suffix lengths.
+WARMSTART_BATCH = {"rows": 16, "prefix": 300, "suffix": (20, 280), "steps": 5}
 
 
 def cpu_model_section(
@@ -92,6 +95,16 @@ def cpu_model_section(
         if "ppo_epochs_tokens_per_s" in up and "ppo_epochs_tokens_per_s" in padded:
             out["trainer_update_packed_vs_padded"] = (
                 up["ppo_epochs_tokens_per_s"] / padded["ppo_epochs_tokens_per_s"]
+            )
+        # The warm start's supervised steps, packed (as it runs) and padded: a batch of 16 demonstrations.
+        sft = {"rows": 4, "prefix": 24, "suffix": (4, 24), "steps": 1} if quick else {**WARMSTART_BATCH}
+        for name, pack in (("warmstart_step", True), ("warmstart_step_padded", False)):
+            rec.attempt(out, name, lambda pack=pack: warmstart_step_throughput(path, **sft, pack=pack))
+        if "s_per_step" in out.get("warmstart_step", {}) and "s_per_step" in out.get(
+            "warmstart_step_padded", {}
+        ):
+            out["warmstart_step_packed_vs_padded"] = (
+                out["warmstart_step_padded"]["s_per_step"] / out["warmstart_step"]["s_per_step"]
             )
     return out
 

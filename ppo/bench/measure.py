@@ -373,6 +373,53 @@ def trainer_update_throughput(
     }
 
 
+def warmstart_step_throughput(
+    path: Path, *, rows: int, prefix: int, suffix: tuple[int, int], steps: int, pack: bool
+) -> dict:
+    """Labelled tokens/s of the tiny warm start's supervised steps (``ppo.tiny.warmstart.sft_loss``, its backward,
+    gradient clipping and an AdamW step on the full-precision model, under bf16 autocast where the warm start uses
+    it) on a batch of ``rows`` demonstrations shaped like the default's: one shared prefix (the tool block), a
+    suffix of random length whose second half is labelled. ``pack``: the suffixes packed, else padded."""
+    from transformers import AutoModelForCausalLM
+
+    from ppo.infra.config import Config
+    from ppo.tiny.warmstart import sft_loss, uses_bf16
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    vocab, pad = model.config.vocab_size, model.config.pad_token_id or 0
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(10, vocab, (prefix,), generator=g)
+    lengths = torch.randint(suffix[0], suffix[1] + 1, (rows,), generator=g).tolist()
+    ids = torch.full((rows, prefix + max(lengths)), pad)
+    labels = torch.full_like(ids, -100)
+    attn = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        row = torch.cat([shared, torch.randint(10, vocab, (n,), generator=g)])
+        ids[r, : prefix + n], attn[r, : prefix + n] = row, 1
+        labels[r, prefix + n // 2 : prefix + n] = row[prefix + n // 2 :]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    bf16 = uses_bf16(Config())
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = sft_loss(model, ids, attn, labels, pack=pack)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    step()  # warm-up, and AdamW's state
+    _, seconds = timed(lambda: [step() for _ in range(steps)])
+    labelled = int((labels != -100).sum()) * steps
+    log(f"  warm-start steps ({'packed' if pack else 'padded'}): {seconds / steps:.3f} s a step")
+    return {
+        "rows": rows,
+        "steps": steps,
+        "s_per_step": seconds / steps,
+        "labelled_tokens_per_s": labelled / seconds,
+    }
+
+
 # ----- memory layouts -------------------------------------------------------------------------------------
 
 
