@@ -186,7 +186,7 @@ def _export(args, out: Path) -> None:
     from ppo.infra.setup import load_policy, policy_config, prepare_model
 
     # What policy_config reads beyond --checkpoint and --model: export always takes the run's own settings.
-    args.preset, args.mcp_server, args.device, args.tiny_copy_circuit = "tiny", None, "cpu", False
+    args.preset, args.mcp_server, args.device, args.tiny_copy_circuit = "tiny", None, "cpu", None
     args.max_new_tokens = args.max_context = 0
     cfg = policy_config(args)
     checkpoint = Path(args.checkpoint)

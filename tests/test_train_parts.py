@@ -351,14 +351,16 @@ def test_per_epoch_demonstrations_are_each_imitated_once(small_tiny_dir):
         supervised_finetune(model, [demos, demos], 0, epochs=3, lr=1e-3, batch_size=2, seed=0, per_epoch=True)
 
 
-def test_fresh_draws_have_a_warm_start_of_their_own(tmp_path):
+def test_fresh_draws_and_invented_entities_have_a_warm_start_of_their_own(tmp_path):
     from ppo.infra.config import parse_args
     from ppo.tiny.warmstart import fresh_draws, warm_start_key
 
-    base = parse_args(["--preset", "tiny"])
-    fresh = parse_args(["--preset", "tiny", "--sft-fresh-tasks"])
-    assert warm_start_key(tmp_path, base) != warm_start_key(tmp_path, fresh)
-    assert fresh_draws(fresh) and not fresh_draws(base)
+    base = parse_args(["--preset", "tiny", "--no-sft-invented-entities"])
+    fresh = parse_args(["--preset", "tiny", "--no-sft-invented-entities", "--sft-fresh-tasks"])
+    invented = parse_args(["--preset", "tiny"])  # the preset's default: fresh draws with invented entities
+    keys = {warm_start_key(tmp_path, cfg) for cfg in (base, fresh, invented)}
+    assert len(keys) == 3
+    assert fresh_draws(fresh) and fresh_draws(invented) and not fresh_draws(base)
     own = tmp_path / "mine.jsonl"
     own.write_text("")
     mine = parse_args(["--preset", "tiny", "--sft-fresh-tasks", "--tasks", str(own)])

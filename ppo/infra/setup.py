@@ -141,6 +141,8 @@ def input_errors() -> tuple[type[BaseException], ...]:
 
 def add_policy_arguments(parser) -> None:
     """The flags ``policy_config`` reads, for the commands that play a policy."""
+    import argparse
+
     from ppo.infra.config import PRESETS
 
     parser.add_argument(
@@ -154,8 +156,9 @@ def add_policy_arguments(parser) -> None:
     parser.add_argument("--device", help="torch device")
     parser.add_argument(
         "--tiny-copy-circuit",
-        action="store_true",
-        help="without --checkpoint: the tiny base wired to copy names (as ppo.train --tiny-copy-circuit)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="without --checkpoint: the tiny base wired to copy names or not (as ppo.train; default: the preset's)",
     )
     parser.add_argument(
         "--max-new-tokens", type=_non_negative, default=0, help="per-turn token limit (default: the config's)"
@@ -198,8 +201,8 @@ def policy_config(args) -> Config:
     for name in ("model", "mcp_server", "device"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    if args.tiny_copy_circuit:
-        cfg.tiny_copy_circuit = True
+    if args.tiny_copy_circuit is not None:
+        cfg.tiny_copy_circuit = args.tiny_copy_circuit
     if args.max_new_tokens:
         cfg.max_new_tokens = args.max_new_tokens
     if args.max_context:
