@@ -116,7 +116,7 @@ def _seed_sql() -> str:
     return (Path(__file__).parent / "data" / "seed.sql").read_text(encoding="utf-8")
 
 
-# Pieces of invented entity names: syllables of new words, and the endings of the seeded city names.
+# Pieces of invented entity names: syllables of new words, and place-name endings (most of them the seeded cities').
 SYLLABLES = ["bar", "cel", "dor", "fen", "gal", "hol", "kir", "lam", "mor", "nel", "pim", "quor", "ras", "sol",
              "tam", "vel", "wen", "yar", "zol", "bri", "cra", "dro", "fli", "gro", "pla", "stu", "tre", "vin"]  # fmt: skip
 CITY_ENDINGS = [
@@ -145,9 +145,10 @@ def invented_pool(seed_sql: str, rng: random.Random, size: int = 60) -> template
     invented cities, none of them an entity of any split (so no val or test entity either), each written into the
     database by the setup of a task that names it (``with_setup``).
 
-    Products pair a colour or material of the seeded ones with an item or an invented word ('Copper Velmor',
-    'Gralam Kettle'); cities join an invented or a seeded first half to a seeded ending ('Tamford'); customers
-    pair a first and a last name, either of them invented."""
+    Products pair a first word of a seeded name (a colour or material, or a customer's first name) or an invented
+    word with a seeded item or an invented word ('Copper Velmor', 'Gralam Kettle'); cities join the start of an
+    invented word to a place-name ending ('Tamford'); customers pair a seeded or invented first name with an
+    invented last name."""
     conn = sqlite3.connect(":memory:")
     conn.executescript(seed_sql)
     taken = {name for (name,) in conn.execute("SELECT name FROM products")}
@@ -181,6 +182,7 @@ def invented_pool(seed_sql: str, rng: random.Random, size: int = 60) -> template
         pool.customers.append((10_000 + k, fresh(person), rng.choice(cities), None))
         pool.new_names.append(fresh(person))
     pool.cities += cities
+    pool.city_counts.update(dict.fromkeys(cities, 0))  # a city no invented customer drew counts 0
     for _, _, city, _ in pool.customers[-size:]:
         pool.city_counts[city] = pool.city_counts.get(city, 0) + 1
     pool.order_counts.update({c[0]: 0 for c in pool.customers[-size:]})
@@ -196,7 +198,7 @@ def with_setup(task: dict, pool: templates.Pool) -> dict:
     rows += [
         f"INSERT INTO customers (id, full_name, city, email) VALUES ({cid}, '{name}', '{city}', NULL)"
         for cid, name, city, _ in pool.customers
-        if cid >= 10_000 and (f"'{name}'" in text or f" {city}." in text or f"id {cid}." in text)
+        if cid >= 10_000 and (f"'{name}'" in text or f"who live in {city}." in text or f"id {cid}." in text)
     ]
     if not rows:
         return task

@@ -75,11 +75,11 @@ def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> No
       or two (head 1) positions of RoPE (Su et al. 2021), so head 0's score is sum_j a_j^2 cos(theta_j (s - t + 1)):
       highest at s = t - 1 (head 1: s = t - 2). Amplitudes a_j^2 = theta_j keep every other offset of 2,048 at
       least 0.17 of the peak below it. Their value is the first code: head 0 writes the code of t - 1 to dims
-      [h, 2h), head 1 that of t - 2, through a random orthonormal map R, to dims [3h, d - 1);
+      [h, 2h), head 1 that of t - 2, through a random orthonormal map R, to dims [3h, min(d - 1, 4h));
     - layer 1, query head 2 (key/value head 1): the induction head. Its query reads the codes of t and t - 1, its
       key those of s - 1 and s - 2, each pair through random orthonormal projections onto the 12 slowest RoPE pairs
-      (nearly still over the context), so it attends where the two tokens before s are the last two at t, and half
-      as much where only one of them is. Its value is the second code at s, added to dims [2h, 3h) at t: the tied
+      (nearly still over the context), so it attends where the two tokens before s are the last two at t, and less
+      where only one of them is (the token at t weighs twice the one before it, whose code came at half gain). Its value is the second code at s, added to dims [2h, 3h) at t: the tied
       unembedding reads it back as the logit of the token at s if that token is copyable, and of no token otherwise;
     - every other weight keeps its random initialisation (the final norm's weight, which scales how sure the copy
       is, excepted). Zeroing the other heads' and the MLPs' outputs as well, so that only the circuit acted at
@@ -89,7 +89,7 @@ def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> No
     of its own, so the token before every element is the same ``, `` and a one-token match cannot tell which
     element comes next; the two tokens before it can. Matched on one token with only word pieces copyable (the
     previous circuit), the wired base copied 4% of the copyable tokens of the val tasks' first calls (the data
-    tasks; teacher-forced argmax, untrained), 28% with digits copyable as well, and 60% matched on two. Copying
+    tasks; teacher-forced argmax, untrained), 28% with digits copyable as well, and 61% matched on two. Copying
     every token, markup included, made lists and records loop (``39, 39, 39``, ``DeeDeeDee``: once a token follows
     itself, the head matches its own position and copies it again), so separators and markup are not copyable
     (``copy_tokens``).
@@ -110,7 +110,7 @@ def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> No
         )
     k = COPY_CIRCUIT
     code, prev, out, const = slice(0, hd), slice(hd, 2 * hd), slice(2 * hd, 3 * hd), d - 1
-    prev2 = slice(3 * hd, d - 1)
+    prev2 = slice(3 * hd, min(d - 1, 4 * hd))
     generator = torch.Generator().manual_seed(seed)
     inv_freq = _rope_base(cfg) ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
     layers = model.model.layers
@@ -134,7 +134,7 @@ def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> No
         key[:half] = amp
         att.k_proj.weight[:hd] = 0.0
         att.k_proj.weight[:hd, const] = key.float()
-        rotate = orthonormal_rows(d - 1 - 3 * hd, hd)  # R: the code of t - 2, in the dims left
+        rotate = orthonormal_rows(prev2.stop - prev2.start, hd)  # R: the code of t - 2, in the dims left
         att.o_proj.weight[:, : 2 * hd] = 0.0
         for head, (back, rows, gain) in enumerate(((1, prev, torch.eye(hd)), (2, prev2, rotate))):
             query = torch.zeros(hd, dtype=torch.float64)

@@ -159,10 +159,12 @@ class Config:
     """train tasks the warm start imitates (the first N of the file); 0: all"""
     sft_fresh_tasks: bool = False
     """each warm-start epoch imitates a fresh draw of as many mock train tasks (train entities, new values)
-    instead of the train split again, so values must be copied, not memorized; ignored with --tasks"""
+    instead of the train split again, so values must be copied, not memorized (on whenever --sft-invented-entities
+    is); ignored with --tasks"""
     sft_invented_entities: bool = False
     """with fresh draws (implies --sft-fresh-tasks): their pool also holds invented products, customers and cities,
-    which each task that names one creates in its setup, so names must be copied from the prompt, not recalled"""
+    which each task that names one creates in its setup, so names must be copied from the prompt, not recalled;
+    ignored with --tasks"""
     sft_cut_fraction: float = 0.25
     """share of demonstrations spelled with random extra BPE cuts (BPE-dropout), so held-out names can be copied"""
     sft_habit_share: float = 0.3
@@ -295,9 +297,9 @@ PRESETS: dict[str, Config] = {
     # Measured from the 30-epoch warm start: at a learning rate of 2e-3 (4 epochs) approx_kl grew to 0.1 per
     # iteration, the KL to the reference to 18 nats and the success rate fell from 0.6 to 0.4; at 7e-4 with a
     # faster KL controller approx_kl stays near 0.01 and clipfrac near 0.03.
-    # 5 iterations: on the warm start with habits the greedy gain on validation is made by iteration 5 and held
-    # through 10, on both PPO seeds measured (README, "Results of the embedded default"); 5 keep warm start plus PPO
-    # within 20 minutes on 2 cores.
+    # 5 iterations: on the warm start with habits (the random base, the train split's entities) the greedy gain on
+    # validation was made by iteration 5 and held through 10, on both PPO seeds measured; the default's 10 iterations
+    # are not measured. 5 keep warm start plus PPO within 20 minutes on 2 cores.
     # Sampling at temperature 0.7: greedy val after 5 iterations 0.545 on both PPO seeds measured, against 0.518 and
     # 0.527 at 1.0 (0.5: 0.536; one warm start, decided on val). Rollouts closer to the greedy mode put the reward's
     # contrasts where greedy decoding goes.

@@ -158,7 +158,7 @@ def add_policy_arguments(parser) -> None:
         "--tiny-copy-circuit",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="without --checkpoint: the tiny base wired to copy names or not (as ppo.train; default: the preset's)",
+        help="the tiny base wired to copy names or not (as ppo.train; default: the run's, or the preset's)",
     )
     parser.add_argument(
         "--max-new-tokens", type=_non_negative, default=0, help="per-turn token limit (default: the config's)"
