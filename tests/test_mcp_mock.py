@@ -364,7 +364,9 @@ def test_invented_entities_belong_to_no_split_and_their_tasks_are_solved(tmp_pat
     draw = make_tasks.draw_train_tasks(300, "inv-a", invented=True)
     assert draw == make_tasks.draw_train_tasks(300, "inv-a", invented=True)
     seeded = (make_data.DATA_DIR / "seed.sql").read_text(encoding="utf-8")
-    for seed in range(40):  # a city that no invented customer drew still has a count (0), so counting it works
+    for seed in range(
+        40
+    ):  # a city that no invented customer drew still has a count (0), so counting it works
         pool = make_tasks.invented_pool(seeded, random.Random(seed))
         assert set(pool.cities) <= set(pool.city_counts)
     pools = make_tasks.make_pools(seeded)
