@@ -53,9 +53,15 @@ def word_tokens(tokenizer) -> list[bool]:
 
 
 def copy_tokens(tokenizer) -> list[bool]:
-    """Which ids the copying circuit copies: word pieces (``word_tokens``) and digits, the pieces of names and of
-    numbers. Punctuation and markup, the separators between them, are left to what training learns."""
-    return [w or tokenizer.decode([i]).lstrip(" ").isdigit() for i, w in enumerate(word_tokens(tokenizer))]
+    """Which ids the copying circuit copies: word pieces (``word_tokens``), digits and the lone space, the pieces
+    of names and of numbers and the space between a name's words (the tokenizer keeps it out of capitalised words,
+    so whether a name goes on after one of them is copied too). Punctuation and markup, the separators between
+    them, are left to what training learns."""
+    copied = []
+    for i, word in enumerate(word_tokens(tokenizer)):
+        text = tokenizer.decode([i])
+        copied.append(word or text.lstrip(" ").isdigit() or text == " ")
+    return copied
 
 
 def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> None:

@@ -22,14 +22,17 @@ EOS_TOKEN = "<|im_end|>"
 
 # Pre-tokenization of the tiny preset: every digit is its own pre-token (as in Qwen's tokenizer, so numbers
 # are spelled digit by digit and can be copied one digit at a time), lines and single quotes are cut apart,
-# and so is every capitalised word (with its leading space). Names are capitalised words: cut apart, a product
-# such as 'Black Trowel' is two words the train split has seen ('Black', ' Trowel') instead of one token that
+# and so is every capitalised word, without the space before it. Names are capitalised words: cut apart, a product
+# such as 'Black Trowel' is two words the train split has seen ('Black', 'Trowel') instead of one token that
 # only a held-out name uses, and an unseen place name falls into smaller pieces (on the train-only corpus this
-# halved the test tasks whose solution needs a token no train sequence holds: 36 -> 17 of 110). Unlike Qwen's
-# word-level split, merges may span spaces and punctuation elsewhere: the tool block that every prompt carries
-# then compresses from about 1,900 tokens to about 230, and a 2-core CPU spends its time on the policy's turns
-# instead of re-reading the system prompt. (Measured on the mock server's 13 tools.)
-TINY_SPLIT_PATTERN = r"\p{N}|\n|'| ?\p{Lu}\p{Ll}+"
+# halved the test tasks whose solution needs a token no train sequence holds: 36 -> 17 of 110). The space stays
+# out of the word so that a name is the same ids wherever it stands: with it, 'Penrith' was ' Pen' 'rith' after a
+# space in the prompt and 'P' 'en' 'rith' after the quote of a call, and the copying circuit (models.tiny) found
+# nothing to copy (greedy val after PPO 0.600 -> 0.664 without it; README, "Copying names and numbers"). Unlike
+# Qwen's word-level split, merges may span spaces and punctuation elsewhere: the tool block that every prompt
+# carries then compresses from about 1,900 tokens to about 230, and a 2-core CPU spends its time on the policy's
+# turns instead of re-reading the system prompt. (Measured on the mock server's 13 tools.)
+TINY_SPLIT_PATTERN = r"\p{N}|\n|'|\p{Lu}\p{Ll}+"
 # Merged tokens stay short enough that rare strings still decompose into known pieces.
 MAX_TOKEN_LENGTH = 48
 

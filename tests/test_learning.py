@@ -91,15 +91,24 @@ def _run(model_dir, tmp_path, learning_rate: float) -> list[float]:
     return [x["charts/success_rate"] for x in lines]
 
 
-def test_the_starting_policy_is_indifferent(indifferent_model, tmp_path):
+@pytest.fixture(scope="module")
+def frozen(indifferent_model, tmp_path_factory) -> list[float]:
+    """The same run at learning rate 0: the starting policy's success, iteration by iteration."""
+    return _run(indifferent_model, tmp_path_factory.mktemp("frozen"), learning_rate=0.0)
+
+
+def test_the_starting_policy_is_indifferent(frozen):
     # At learning rate 0 the policy is the starting one: it succeeds about half of the time, and stays there.
-    frozen = _run(indifferent_model, tmp_path, learning_rate=0.0)
     assert 0.25 <= sum(frozen) / len(frozen) <= 0.75, frozen
     assert sum(frozen[-3:]) / 3 - sum(frozen[:2]) / 2 < MARGIN, frozen
 
 
-def test_ppo_raises_success_where_only_reward_decides(indifferent_model, tmp_path):
-    # 1e-3: at 3e-3 this small model's policy lost its shape (entropy 0.1 -> 2.4) and success did not rise.
-    learned = _run(indifferent_model, tmp_path, learning_rate=1e-3)
-    first, last = sum(learned[:2]) / 2, sum(learned[-3:]) / 3
-    assert last - first >= MARGIN and last >= 0.7, learned
+def test_ppo_raises_success_where_only_reward_decides(indifferent_model, frozen, tmp_path):
+    # The margin is over the frozen run's mean (128 episodes of the starting policy), not over the first two
+    # iterations (32 episodes, the same policy: the first iteration trains only the critic), whose noise alone
+    # put the start at 0.69 on one build. 5e-4: at 1e-3 the policy of the build whose tokenizer keeps the space out
+    # of capitalised words lost its shape (entropy 0.12 -> 1.7, invalid JSON in 0.38 of the turns) and success
+    # stayed at 0.6; at 3e-3 the build before it did the same.
+    learned = _run(indifferent_model, tmp_path, learning_rate=5e-4)
+    start, last = sum(frozen) / len(frozen), sum(learned[-3:]) / 3
+    assert last - start >= MARGIN and last >= 0.7, (learned, frozen)

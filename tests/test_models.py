@@ -142,6 +142,29 @@ def test_tokenizer_specials_and_digits(ac):
     assert tok.decode(ids, skip_special_tokens=True) == "assistant\n<tool_call>\n{}\n</tool_call>"
 
 
+def test_a_name_is_spelled_the_same_in_prose_and_in_a_call(ac):
+    """A capitalised word is a pre-token without the space before it, so a held-out name is the same ids after a
+    space in the prompt and after a quote in a call, where the copying circuit has to find it again (with the space
+    attached, 'Penrith' was ' Pen' 'rith' in the prompt and 'P' 'en' 'rith' in the call: nothing to copy)."""
+    tok = ac.tokenizer
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def holds(text, part):
+        whole, part = ids(text), ids(part)
+        return any(whole[i : i + len(part)] == part for i in range(len(whole) - len(part) + 1))
+
+    # val and test entities (never in the tokenizer's text): a document, a product, a city, a new customer
+    for name in ["Penrith Museum", "Amber Teapot", "Silverton", "Vik Holm"]:
+        assert holds(f"Use web_search to find the document about the {name}.", name), name
+        assert holds(f"a customer who lives in {name}.", name), name
+        assert holds(f'{{"query": "{name}"}}', name), name
+        assert holds(f"WHERE name = '{name}'", name), name
+    space = ids(" ")  # the space between a name's words: one token, and copied
+    assert len(space) == 1 and tiny.copy_tokens(tok)[space[0]]
+
+
 # ----- structure: NF4, adapters, memory ---------------------------------------------------------------
 
 
