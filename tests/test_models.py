@@ -155,7 +155,8 @@ def test_a_name_is_spelled_the_same_in_prose_and_in_a_call(ac):
         whole, part = ids(text), ids(part)
         return any(whole[i : i + len(part)] == part for i in range(len(whole) - len(part) + 1))
 
-    # val and test entities (never in the tokenizer's text): a document, a product, a city, a new customer
+    # val entities: a document, a product and a new customer that the tokenizer's text never holds, and a city of the
+    # database every split shares (in train's text too)
     for name in ["Penrith Museum", "Amber Teapot", "Silverton", "Vik Holm"]:
         assert holds(f"Use web_search to find the document about the {name}.", name), name
         assert holds(f"a customer who lives in {name}.", name), name
