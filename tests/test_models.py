@@ -532,7 +532,7 @@ def test_the_tiny_model_is_built_wired_to_copy_names_and_numbers(tmp_path):
     from its first copy (a piece seen before is followed by what followed it then), and not a row of punctuation
     and markup (left to training); a randomly initialised one copies neither. In a list, where the same separator
     precedes every element, it copies the element after the separator that followed the last one (a match on the
-    two tokens before), which a one-token match could not tell apart."""
+    three tokens before), which a one-token match could not tell apart."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     texts = [
@@ -558,5 +558,5 @@ def test_the_tiny_model_is_built_wired_to_copy_names_and_numbers(tmp_path):
         assert _repeat_accuracy(model, other_ids, 40)[0] < 0.05  # punctuation and markup are not copied
         listed = _repeat_accuracy(model, copy_ids, 20, separator=separator[0])[0]
         assert least <= listed and (least > 0 or listed < 0.05), (folder.name, listed)
-    with pytest.raises(ValueError, match="the copying circuit needs hidden_size >= 3 \\* head_dim \\+ 25"):
+    with pytest.raises(ValueError, match="the copying circuit needs hidden_size >= 3 \\* head_dim \\+ 49"):
         tiny.build_tiny(tmp_path / "narrow", texts, vocab_size=300, hidden_size=128, copy_circuit=True)
