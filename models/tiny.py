@@ -152,9 +152,8 @@ def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> No
         amp = inv_freq.sqrt()
         key = torch.zeros(hd, dtype=torch.float64)
         key[:half] = amp
-        att.k_proj.weight[: 2 * hd] = (
-            0.0  # both key/value heads: query heads 0-1 read the first, 2 the second
-        )
+        # Both key/value heads hold the constant key and the code value: query heads 0-1 read the first, 2 the second.
+        att.k_proj.weight[: 2 * hd] = 0.0
         att.k_proj.weight[: 2 * hd, const] = key.float().repeat(2)
         rotate = orthonormal_rows(width, hd)  # R: the codes of t - 2 and t - 3, in the dims left
         att.o_proj.weight[:, : 4 * hd] = 0.0  # query head 3 reads the codes too, at random: silenced
