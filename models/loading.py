@@ -40,8 +40,16 @@ def _device_and_dtype(device: str | None, dtype: torch.dtype | None) -> tuple[st
     return device, dtype
 
 
-def _load_base(path: str, quantization: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Load the base causal LM, 4-bit NF4 with double quantization or in `dtype`."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matmul units (AVX-512 bf16 or AMX); without them bf16 is emulated and slower."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _load_base(
+    path: str, quantization: str, device: str, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """Load the base causal LM, 4-bit NF4 with double quantization (computing in `compute_dtype`, `dtype` when
+    None) or in `dtype`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if quantization == "nf4":
@@ -49,7 +57,7 @@ def _load_base(path: str, quantization: str, device: str, dtype: torch.dtype) ->
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_compute_dtype=compute_dtype or dtype,
         )
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=qconfig, dtype=dtype, device_map={"": device}
@@ -107,10 +115,16 @@ def load_actor_critic(
     gradient_checkpointing: bool = True,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
     adapters: str | Path | None = None,
 ) -> ActorCritic:
     """Load `name_or_path` (a local folder or hub id) as one base shared by policy, critic and
-    reference. `adapters` optionally names a folder written by `ActorCritic.save_pretrained` to load."""
+    reference. `adapters` optionally names a folder written by `ActorCritic.save_pretrained` to load.
+
+    `compute_dtype` (NF4 only; None: `dtype`): what the 4-bit base layers' matmuls run in. bitsandbytes casts
+    each one's input to it and its output back, so with bf16 on an fp32 CPU model only those matmuls are bf16:
+    the LoRA adapters, their sum with the base output, the residual stream, attention, log-probs and values
+    stay fp32 (an adapter's small update is never rounded away in a bf16 sum, as under autocast)."""
     from transformers import AutoTokenizer
 
     if quantization not in ("nf4", "none"):
@@ -121,7 +135,7 @@ def load_actor_critic(
     path = str(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = _load_base(path, quantization, device, dtype)
+        base = _load_base(path, quantization, device, dtype, compute_dtype)
     except (OSError, ValueError) as exc:
         raise _load_error(path, exc) from exc
     # The rollout left-pads prompts for generation; pad must differ from eos so padding is never "the end".

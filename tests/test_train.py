@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ppo import train
 from ppo.infra.config import Config
-from ppo.infra.setup import build_optimizer, load_policy, make_env_pool
+from ppo.infra.setup import base_compute_dtype, build_optimizer, load_policy, make_env_pool
 from ppo.rollout import ChatFormat, collect_rollouts
 from ppo.rollout.generation import TurnSample
 from ppo.tasks import resolve_tasks
@@ -151,10 +152,18 @@ def _scripted_batch(actor_critic, chat, monkeypatch):
         )
 
 
-def test_first_minibatch_ratio_is_one_and_tool_output_gets_no_gradient(small_tiny_dir, monkeypatch, tmp_path):
+@pytest.mark.parametrize("cpu_bf16_base", [False, True])
+def test_first_minibatch_ratio_is_one_and_tool_output_gets_no_gradient(
+    small_tiny_dir, monkeypatch, tmp_path, cpu_bf16_base
+):
     cfg = small_config(small_tiny_dir, tmp_path, num_episodes=2, minibatch_size=2, micro_batch_size=2)
+    cfg.cpu_bf16_base = cpu_bf16_base
     torch.manual_seed(0)
     actor_critic = load_policy(cfg)
+    # With --cpu-bf16-base the 4-bit base computes in bf16 (on a CPU with bf16 units), and the ratio is still 1.
+    compute = base_compute_dtype(cfg, "cpu") or torch.float32
+    linears = [m for m in actor_critic.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears and {m.compute_dtype for m in linears} == {compute}
     chat = ChatFormat(actor_critic.tokenizer)
     batch = _scripted_batch(actor_critic, chat, monkeypatch)
     for e in batch.episodes:  # tool output sits between the two turns of every episode

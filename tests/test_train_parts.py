@@ -33,6 +33,18 @@ def test_cli_overrides_the_preset():
     assert parse_args(["--mcp-server", "none"]).mcp_server is None
 
 
+def test_the_4bit_base_computes_in_bf16_only_on_a_cpu_with_bf16_units():
+    from models.loading import cpu_has_bf16
+    from ppo.infra.setup import base_compute_dtype
+
+    assert base_compute_dtype(Config(), "cpu") is None  # off by default
+    assert parse_args(["--cpu-bf16-base"]).cpu_bf16_base is True
+    on = Config(cpu_bf16_base=True)
+    assert base_compute_dtype(on, "cpu") == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert base_compute_dtype(dataclasses.replace(on, quantization="none"), "cpu") is None
+    assert base_compute_dtype(on, "cuda:0") is None  # the model is bf16 there already
+
+
 def test_cli_rejects_inconsistent_settings():
     with pytest.raises(SystemExit, match="micro_batch_size"):
         parse_args(["--minibatch-size", "4", "--micro-batch-size", "8"])

@@ -7,7 +7,8 @@ CPU; a Qwen3-1.7B-shaped model on the GPU when one is present. Measured, each si
 - rollout throughput (generated tokens/s): the static engine (`ppo.rollout.engine.StaticEngine`, what training runs) on
   16 episodes at once, against plain Hugging Face ``generate`` one episode at a time (and batched ``generate``,
   and the loop engine `ppo.rollout.generation.generate_turn` with and without the merged copy);
-- update throughput (tokens/s through ``ActorCritic.forward_train`` + backward + optimizer step);
+- update throughput (tokens/s through ``ActorCritic.forward_train`` + backward + optimizer step), and the trainer's
+  update with the 4-bit base layers computing in bf16 (``--cpu-bf16-base``, on a CPU with bf16 units) against fp32;
 - memory: the trainer's layout (one NF4 base, policy and critic adapters, value head, optimizer state after a
   step) against the policy alone and against three independently loaded copies (policy, reference, critic),
   as the bytes of every tensor's storage (exact) and as the growth of the process's resident memory.
@@ -46,6 +47,8 @@ from ppo.bench.measure import (
     update_throughput,
     warmstart_step_throughput,
 )
+from ppo.infra.config import Config
+from ppo.infra.setup import base_compute_dtype
 
 __all__ = ["main", "tensor_bytes"]
 
@@ -96,6 +99,18 @@ def cpu_model_section(
             out["trainer_update_packed_vs_padded"] = (
                 up["ppo_epochs_tokens_per_s"] / padded["ppo_epochs_tokens_per_s"]
             )
+        if base_compute_dtype(Config(cpu_bf16_base=True), "cpu") is not None:
+            # The same update with the 4-bit base layers computing in bf16 (--cpu-bf16-base).
+            bf16 = load(path, device="cpu", cpu_bf16_base=True)
+            fast = rec.attempt(
+                out, "trainer_update_bf16_base", lambda: trainer_update_throughput(bf16, pad, **shape)
+            )
+            del bf16
+            if "ppo_epochs_tokens_per_s" in up and "ppo_epochs_tokens_per_s" in fast:
+                out["trainer_update_bf16_vs_fp32_base"] = {
+                    "ppo_epochs": fast["ppo_epochs_tokens_per_s"] / up["ppo_epochs_tokens_per_s"],
+                    "scoring": up["scoring_s"] / fast["scoring_s"],
+                }
         # The warm start's supervised steps, packed (as it runs) and padded: a batch of 16 demonstrations.
         sft = {"rows": 4, "prefix": 24, "suffix": (4, 24), "steps": 1} if quick else {**WARMSTART_BATCH}
         for name, pack in (("warmstart_step", True), ("warmstart_step_padded", False)):

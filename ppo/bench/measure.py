@@ -154,11 +154,18 @@ def build_random_model(
     return out_dir
 
 
-def load(path: Path, *, critic: str = "separate", device: str | None = None):
-    """The ActorCritic as training loads it: NF4 base, LoRA r=16 on every linear layer."""
+def load(path: Path, *, critic: str = "separate", device: str | None = None, cpu_bf16_base: bool = False):
+    """The ActorCritic as training loads it: NF4 base, LoRA r=16 on every linear layer; ``cpu_bf16_base``: the
+    base layers computing in bf16 on a CPU with bf16 units, as with ``--cpu-bf16-base``."""
     from models import load_actor_critic
+    from ppo.infra.config import Config
+    from ppo.infra.setup import base_compute_dtype
 
-    return load_actor_critic(str(path), quantization="nf4", critic=critic, device=device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = base_compute_dtype(Config(cpu_bf16_base=cpu_bf16_base), device)
+    return load_actor_critic(
+        str(path), quantization="nf4", critic=critic, device=device, compute_dtype=compute_dtype
+    )
 
 
 def random_contexts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

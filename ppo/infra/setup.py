@@ -40,6 +40,7 @@ def load_policy(
     model_path = model_path or prepare_model(cfg)
     if adapters is not None:
         check_adapter_base(cfg, adapters, model_path)
+    device = device or default_device(cfg)
     actor_critic = load_actor_critic(
         model_path,
         quantization=cfg.quantization,
@@ -48,11 +49,22 @@ def load_policy(
         lora_dropout=cfg.lora_dropout,
         critic=cfg.critic,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        device=device or default_device(cfg),
+        device=device,
+        compute_dtype=base_compute_dtype(cfg, device),
     )
     if adapters is not None:
         actor_critic.load_adapters(adapters)
     return actor_critic
+
+
+def base_compute_dtype(cfg: Config, device: str) -> torch.dtype | None:
+    """bf16 for the 4-bit base layers with ``--cpu-bf16-base`` on a CPU with bf16 units, else None (the model's
+    dtype: fp32 on the CPU, bf16 on a GPU)."""
+    from models.loading import cpu_has_bf16
+
+    on_cpu = torch.device(device).type == "cpu"
+    wanted = cfg.cpu_bf16_base and cfg.quantization == "nf4" and on_cpu
+    return torch.bfloat16 if wanted and cpu_has_bf16() else None
 
 
 def check_adapter_base(cfg: Config, adapters: str | Path, model_path: str) -> None:

@@ -274,11 +274,16 @@ def _plain(param: torch.Tensor, *, module_of: nn.Module, name: str) -> torch.Ten
 
 
 def compute_dtype(base: nn.Module) -> torch.dtype:
-    """The dtype the base computes in: bitsandbytes' compute dtype when quantized, else its embeddings'."""
+    """The dtype the base computes in: bitsandbytes' compute dtype when quantized, else its embeddings'. On the CPU
+    always its embeddings' (fp32): where only the 4-bit layers' matmuls run in bf16 (``--cpu-bf16-base``), a copy in
+    bf16 throughout would sample further from the policy that scoring computes."""
+    embeddings = base.get_input_embeddings().weight
+    if embeddings.device.type == "cpu":
+        return embeddings.dtype
     qconfig = getattr(base.config, "quantization_config", None)
     compute = getattr(qconfig, "bnb_4bit_compute_dtype", None)
     if isinstance(qconfig, dict):
         compute = qconfig.get("bnb_4bit_compute_dtype")
     if isinstance(compute, str):
         compute = getattr(torch, compute.removeprefix("torch."))
-    return compute or base.get_input_embeddings().weight.dtype
+    return compute or embeddings.dtype

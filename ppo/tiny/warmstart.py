@@ -274,7 +274,9 @@ def sft_loss(
 def uses_bf16(cfg) -> bool:
     """Whether this warm start runs under bf16 autocast: ``--sft-bf16`` and a CPU with bf16 units (without them
     bf16 is emulated and slower). The cache key and the build both ask here, so they never disagree."""
-    return cfg.sft_bf16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    from models.loading import cpu_has_bf16
+
+    return cfg.sft_bf16 and cpu_has_bf16()
 
 
 def supervised_finetune(
