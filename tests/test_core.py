@@ -398,7 +398,7 @@ def test_value_loss_by_hand():
     loss, stats = value_loss(values, old, returns, mask, clip_eps=0.2)
     assert_close(loss, torch.tensor(0.65625))
     assert stats["value_clipfrac"] == pytest.approx(0.25)
-    assert stats["explained_variance"] == pytest.approx(-5.76, abs=1e-5)
+    assert explained_variance(values, returns, mask) == pytest.approx(-5.76, abs=1e-5)
     loss.backward()
     # d/dV of 0.5*(V-R)^2/4 = (V-R)/4 on unclipped tokens; the clipped token's term is constant in V.
     assert_close(values.grad, torch.tensor([[0.0, -0.1, -0.25, 0.5, 0.0]]))
@@ -416,6 +416,27 @@ def test_explained_variance_cases():
     returns[0, :7] = torch.nextafter(torch.tensor(-1.0), torch.tensor(0.0))  # one float32 step off
     values = torch.linspace(-2.0, 0.0, 150).view(3, 50)
     assert explained_variance(values, returns, torch.ones_like(returns)) == 0.0
+
+
+def test_explained_variance_over_processes_is_that_of_all_their_tokens():
+    g = torch.Generator().manual_seed(0)
+    values, returns = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    mask = (torch.rand(4, 6, generator=g) > 0.3).float()
+    whole = explained_variance(values, returns, mask)
+    m = mask.bool()
+    expected = 1 - float((returns - values)[m].var(unbiased=False)) / float(returns[m].var(unbiased=False))
+    assert whole == pytest.approx(expected, rel=1e-6)
+    # Two "ranks" of two rows each: rank 0's reduce adds the sums rank 1 holds.
+    held = []
+    explained_variance(values[2:], returns[2:], mask[2:], reduce=lambda sums: held.extend(sums) or sums)
+    together = explained_variance(
+        values[:2],
+        returns[:2],
+        mask[:2],
+        reduce=lambda sums: [a + b for a, b in zip(sums, held, strict=True)],
+    )
+    assert together == pytest.approx(whole, rel=1e-9)
+    assert explained_variance(values[:2], returns[:2], mask[:2]) != pytest.approx(whole, rel=1e-3)
 
 
 # --- KL ---------------------------------------------------------------------------------------------------

@@ -126,24 +126,40 @@ def masked_whiten(
     return _zero_masked(whitened, m)
 
 
-def explained_variance(y_pred: Tensor, y_true: Tensor, action_mask: Tensor) -> float:
+def explained_variance(
+    y_pred: Tensor,
+    y_true: Tensor,
+    action_mask: Tensor,
+    reduce: Callable[[list[float]], list[float]] | None = None,
+) -> float:
     """``1 - Var(y_true - y_pred) / Var(y_true)`` over the action tokens.
 
     1 is a perfect value function, 0 one that does no better than a constant, negative one that does worse.
     When ``Var(y_true)`` is 0 (e.g. every return equal) the ratio is undefined; this returns 0.0 then so that
     logs stay finite (Stable-Baselines3 returns nan). "0" is up to float32 rounding: a variance below
     ``eps * mean(y_true ** 2)`` is what equal returns leave after the subtraction of their mean (every return
-    -1.0 gave 1e-15, and a ratio of -3e13).
+    -1.0 gave 1e-15, and a ratio of -3e13). ``reduce`` sums a list of floats over every process
+    (``ppo.infra.distributed.all_sum``): the variances are then those of all processes' tokens together.
+    Population variances from float64 sums of the values and their squares.
     """
     _check_shapes("explained_variance", y_pred=y_pred, y_true=y_true, action_mask=action_mask)
     m = _as_bool(action_mask)
-    if not bool(m.any()):
+    y = y_true.detach()[m].double()
+    err = y - y_pred.detach()[m].double()
+    sums = [
+        float(m.sum()),
+        float(y.sum()),
+        float(y.square().sum()),
+        float(err.sum()),
+        float(err.square().sum()),
+    ]
+    n, sum_y, sum_y2, sum_e, sum_e2 = reduce(sums) if reduce is not None else sums
+    if n == 0:
         return 0.0
-    y_pred, y_true = y_pred.detach().float(), y_true.detach().float()
-    var_y = float(masked_var(y_true, m, unbiased=False))
-    if var_y <= torch.finfo(torch.float32).eps * float(y_true[m].square().mean()):
+    var_y = max(sum_y2 / n - (sum_y / n) ** 2, 0.0)
+    if var_y <= torch.finfo(torch.float32).eps * sum_y2 / n:
         return 0.0
-    return 1.0 - float(masked_var(y_true - y_pred, m, unbiased=False)) / var_y
+    return 1.0 - max(sum_e2 / n - (sum_e / n) ** 2, 0.0) / var_y
 
 
 # --- advantages -------------------------------------------------------------------------------------------
@@ -337,8 +353,9 @@ def value_loss(
         clip_eps: how far the clipped prediction may move from ``old_values``.
 
     Returns:
-        ``(loss, stats)`` with floats ``value_loss``, ``value_clipfrac`` (fraction of action tokens where the
-        clipped error was the larger one) and ``explained_variance`` of ``values`` against ``returns``.
+        ``(loss, stats)`` with floats ``value_loss`` and ``value_clipfrac`` (fraction of action tokens where the
+        clipped error was the larger one). The explained variance is the batch's (``explained_variance``): over a
+        micro-batch of episodes with nearly equal returns it says nothing.
     """
     _check_shapes(
         "value_loss", values=values, old_values=old_values, returns=returns, action_mask=action_mask
@@ -355,7 +372,6 @@ def value_loss(
         stats = {
             "value_loss": float(loss.detach()),
             "value_clipfrac": float(masked_mean((err_clipped > err_unclipped).float(), m)),
-            "explained_variance": explained_variance(v, ret, m),
         }
     return loss, stats
 

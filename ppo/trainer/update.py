@@ -115,6 +115,13 @@ def ppo_update(
             steps += 1
     stats = {f"losses/{k}": v / max(weight_sum, 1e-12) for k, v in totals.items() if k != "grad_norm"}
     stats["losses/grad_norm"] = totals.get("grad_norm", 0.0) / max(steps, 1)
+    # The critic before this update against the returns, over the whole batch (every rank's), as SB3 and cleanrl
+    # log it. Averaged over micro-batches it read -1,486 once: they are cut from rows sorted by length, often one
+    # task's episodes with nearly equal returns, whose tiny Var(R) divides.
+    reduce = dist.all_sum if dist.active() else None
+    stats["losses/explained_variance"] = core.explained_variance(
+        targets.old_values, targets.returns, batch.action_mask, reduce=reduce
+    )
     stats["perf/skipped_steps"] = float(skipped)
     stats["perf/update_tokens"] = float(tokens)
     stats["perf/optimizer_steps"] = float(steps)
