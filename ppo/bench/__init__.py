@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from models.loading import cpu_has_bf16
 from ppo.bench.measure import (
     MID_SHAPE,
     TOKENIZER_TEXT,
@@ -47,8 +48,6 @@ from ppo.bench.measure import (
     update_throughput,
     warmstart_step_throughput,
 )
-from ppo.infra.config import Config
-from ppo.infra.setup import base_compute_dtype
 
 __all__ = ["main", "tensor_bytes"]
 
@@ -99,7 +98,7 @@ def cpu_model_section(
             out["trainer_update_packed_vs_padded"] = (
                 up["ppo_epochs_tokens_per_s"] / padded["ppo_epochs_tokens_per_s"]
             )
-        if base_compute_dtype(Config(cpu_bf16_base=True), "cpu") is not None:
+        if cpu_has_bf16():
             # The same update with the 4-bit base layers computing in bf16 (--cpu-bf16-base).
             bf16 = load(path, device="cpu", cpu_bf16_base=True)
             fast = rec.attempt(

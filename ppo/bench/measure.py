@@ -159,10 +159,11 @@ def load(path: Path, *, critic: str = "separate", device: str | None = None, cpu
     base layers computing in bf16 on a CPU with bf16 units, as with ``--cpu-bf16-base``."""
     from models import load_actor_critic
     from ppo.infra.config import Config
-    from ppo.infra.setup import base_compute_dtype
+    from ppo.infra.setup import base_compute_dtype, default_device
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    compute_dtype = base_compute_dtype(Config(cpu_bf16_base=cpu_bf16_base), device)
+    cfg = Config(cpu_bf16_base=cpu_bf16_base, device=device)
+    device = default_device(cfg)
+    compute_dtype = base_compute_dtype(cfg, device)
     return load_actor_critic(
         str(path), quantization="nf4", critic=critic, device=device, compute_dtype=compute_dtype
     )

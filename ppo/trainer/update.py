@@ -118,9 +118,8 @@ def ppo_update(
     # The critic before this update against the returns, over the whole batch (every rank's), as SB3 and cleanrl
     # log it. Averaged over micro-batches it read -1,486 once: they are cut from rows sorted by length, often one
     # task's episodes with nearly equal returns, whose tiny Var(R) divides.
-    reduce = dist.all_sum if dist.active() else None
     stats["losses/explained_variance"] = core.explained_variance(
-        targets.old_values, targets.returns, batch.action_mask, reduce=reduce
+        targets.old_values, targets.returns, batch.action_mask, reduce=dist.all_sum
     )
     stats["perf/skipped_steps"] = float(skipped)
     stats["perf/update_tokens"] = float(tokens)
