@@ -35,7 +35,12 @@ COPY_CIRCUIT = {
     "copy_gain": 2.0,
     "third_weight": 0.5,
     "final": 0.08,
+    "escape_flag": 4.0,
 }
+
+# Characters a JSON string spells with an escape. A prompt cuts a CSV's rows with a newline; the call that copies
+# them writes backslash and n, another token, after which the circuit found nothing to match (``escape_pairs``).
+JSON_ESCAPES = {"\n": "\\n"}
 
 
 def _rope_base(config) -> float:
@@ -65,7 +70,20 @@ def copy_tokens(tokenizer) -> list[bool]:
     return copied
 
 
-def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> None:
+def escape_pairs(tokenizer) -> list[tuple[int, int]]:
+    """(id of a character, id of its JSON escape) for each of ``JSON_ESCAPES`` that the tokenizer spells as one token
+    both ways: the copying circuit matches the two as one token (``wire_copying``)."""
+    pairs = []
+    for char, escape in JSON_ESCAPES.items():
+        plain, escaped = (tokenizer.encode(text, add_special_tokens=False) for text in (char, escape))
+        if len(plain) == 1 and len(escaped) == 1:
+            pairs.append((plain[0], escaped[0]))
+    return pairs
+
+
+def wire_copying(
+    model, seed: int = 0, copyable: list[bool] | None = None, escapes: list[tuple[int, int]] = ()
+) -> None:
     """Set a random Qwen3 model's weights so that, before any training, it copies names and numbers: a piece seen
     before is written again after the three tokens that preceded it then (an induction circuit, Olsson et al. 2022,
     "In-context Learning and Induction Heads"), built by hand instead of waiting for training to find it.
@@ -76,7 +94,10 @@ def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> No
 
     - embeddings: dims [0, h) hold a random code of every token, dims [h, 2h) and [3h, d - 1) are zero, dims
       [2h, 3h) hold a second random code of the ``copyable`` tokens only (default: all), and the last dim is a
-      constant 1 (a direction every position has);
+      constant 1 (a direction every position has). Each pair of ``escapes`` (a character and its JSON escape,
+      ``escape_pairs``) shares the first code, so the circuit matches the escape where the prompt had the
+      character, and the escape alone has dim d - 2 set (at ``escape_flag``), which no head of the circuit reads
+      and the rest of the model tells them apart by;
     - layer 0, query heads 0, 1 and 2 (both key/value heads, set alike): previous-token heads. Their queries and
       keys read only the constant dim, so after QK-norm they are fixed vectors, and each query is the key turned
       back by one (head 0), two (head 1) or three (head 2) positions of RoPE (Su et al. 2021), so head 0's score
@@ -112,16 +133,24 @@ def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> No
     seeds each, at the match sharpness 2.5: the data tasks' copyable tokens 0.59-0.62 matched on two, 0.70 on
     three; all categories 0.48-0.53 and 0.51-0.55 (at 2.0, where the two-token circuit was set, the third term's
     noise left a list's elements copied at 0.61 in ``tests/test_models.py``).
+
+    Why escapes: a prompt cuts a CSV's rows with newlines, and the call that copies it into a JSON string writes
+    each as backslash-n, a token of its own, so the newest of the three tokens before a row's name never matched
+    the prompt, while the call's own earlier rows matched it (``Ida,56\\nIda,56``). Teacher-forced on the same
+    first calls, untrained, three wiring seeds (``python -m ppo.tiny.probe``): the multi-step tasks' copyable tokens
+    0.36-0.50 without the pair, 0.51-0.68 with it; data 0.69-0.70 and 0.72-0.75; all categories 0.51-0.56 and
+    0.54-0.61. The first row of a CSV is still not found: the tokenizer merges ``text": "name,score\\n`` into one
+    token, which nothing in the prompt matches.
     """
     import torch
 
     cfg = model.config
     d, hd = cfg.hidden_size, cfg.head_dim
     half, low = hd // 2, 12
-    width = (d - 1 - 3 * hd) // 2  # the dims of each of the codes of t - 2 and t - 3
+    width = (d - 2 - 3 * hd) // 2  # the dims of each of the codes of t - 2 and t - 3 (d - 2 and d - 1 kept)
     if width < 2 * low or cfg.num_attention_heads < 3 or cfg.num_key_value_heads < 2:
         raise ValueError(
-            f"the copying circuit needs hidden_size >= 3 * head_dim + {4 * low + 1}, 3 query and 2 key/value "
+            f"the copying circuit needs hidden_size >= 3 * head_dim + {4 * low + 2}, 3 query and 2 key/value "
             f"heads; this model has {d}, {cfg.num_attention_heads} and {cfg.num_key_value_heads} (head_dim {hd})"
         )
     if cfg.num_hidden_layers < 2 or cfg.num_attention_heads // cfg.num_key_value_heads != 2 or half < low:
@@ -129,7 +158,7 @@ def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> No
             "the copying circuit needs 2+ layers, 2 query heads per key/value head, head_dim >= 24"
         )
     k = COPY_CIRCUIT
-    code, prev, out, const = slice(0, hd), slice(hd, 2 * hd), slice(2 * hd, 3 * hd), d - 1
+    code, prev, out, flag, const = slice(0, hd), slice(hd, 2 * hd), slice(2 * hd, 3 * hd), d - 2, d - 1
     prev2, prev3 = slice(3 * hd, 3 * hd + width), slice(3 * hd + width, 3 * hd + 2 * width)
     generator = torch.Generator().manual_seed(seed)
     inv_freq = _rope_base(cfg) ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
@@ -143,7 +172,10 @@ def wire_copying(model, seed: int = 0, copyable: list[bool] | None = None) -> No
         vocab = emb.shape[0]
         emb[:, code] = torch.randn(vocab, hd, generator=generator)
         emb[:, prev] = 0.0
-        emb[:, prev2] = 0.0
+        emb[:, 3 * hd : d - 1] = 0.0  # where the codes of t - 2 and t - 3 go, and the flag
+        for plain, escaped in escapes:
+            emb[escaped, code] = emb[plain, code]
+            emb[escaped, flag] = k["escape_flag"]
         mask = torch.ones(vocab) if copyable is None else torch.tensor(copyable, dtype=torch.float32)
         emb[:, out] = torch.randn(vocab, hd, generator=generator) * mask[:, None]
         emb[:, const] = 1.0
@@ -219,7 +251,7 @@ def _save_model(
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config).float().eval()
         if copy_circuit:
-            wire_copying(model, seed, copy_tokens(tokenizer))
+            wire_copying(model, seed, copy_tokens(tokenizer), escape_pairs(tokenizer))
     finally:
         torch.random.set_rng_state(state)
     model.generation_config = GenerationConfig(eos_token_id=[eos_id, pad_id], pad_token_id=pad_id)

@@ -609,5 +609,89 @@ def test_the_tiny_model_is_built_wired_to_copy_names_and_numbers(tmp_path):
         assert _repeat_accuracy(model, other_ids, 40)[0] < 0.05  # punctuation and markup are not copied
         listed = _repeat_accuracy(model, copy_ids, 20, separator=separator[0])[0]
         assert least <= listed and (least > 0 or listed < 0.05), (folder.name, listed)
-    with pytest.raises(ValueError, match="the copying circuit needs hidden_size >= 3 \\* head_dim \\+ 49"):
+    with pytest.raises(ValueError, match="the copying circuit needs hidden_size >= 3 \\* head_dim \\+ 50"):
         tiny.build_tiny(tmp_path / "narrow", texts, vocab_size=300, hidden_size=128, copy_circuit=True)
+
+
+def test_the_copying_circuit_matches_a_newline_and_its_json_escape(tmp_path):
+    """A prompt cuts a CSV's rows with newlines; the call that copies them into a JSON string writes each as the
+    escape backslash-n, another token. The wired base matches the two as one token (`escape_pairs`), so after an
+    escape it writes the name that began the next row in the prompt; wired without the pair (the previous circuit)
+    it copies far fewer of them. The two tokens keep distinct embeddings, so the rest of the model tells them
+    apart."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = ["Dee", "Ida", "Bo", "Liv", "Cy", "Ann", "Eli", "Kai", "Gus", "Mo", "Flo", "Jo"]
+    texts = ["name,score\n" + "\n".join(f"{n},{i}" for i, n in enumerate(names)), '{"text": "a\\nb\\nc"}'] * 8
+    folder = tiny.build_tiny(tmp_path / "wired", texts, vocab_size=400, copy_circuit=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pairs = tiny.escape_pairs(tokenizer)
+    assert len(pairs) == 1
+    newline, escape = pairs[0]
+    assert tokenizer.decode([newline]) == "\n" and tokenizer.decode([escape]) == "\\n"
+    one_token = [tokenizer.encode(n, add_special_tokens=False) for n in names]
+    name_ids = [ids[0] for ids in one_token if len(ids) == 1]
+    digits = [tokenizer.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
+    comma = tokenizer.encode(",", add_special_tokens=False)
+    assert len(name_ids) >= 8 and len(comma) == 1
+
+    generator = random.Random(0)
+    sequences, targets = [], []
+    for _ in range(
+        8
+    ):  # a CSV in the prompt, then the same rows in a call: name , digit digit, rows cut apart
+        rows = [
+            [n, comma[0], generator.choice(digits), generator.choice(digits)]
+            for n in generator.sample(name_ids, 6)
+        ]
+        prompt = [t for row in rows for t in [*row, newline]]
+        call = [t for row in rows for t in [*row, escape]][:-1]
+        sequences.append(prompt + call)
+        targets.append(
+            [len(prompt) + 5 * r - 1 for r in range(1, 6)]
+        )  # each escape; its next token is a name
+
+    def accuracy(model) -> float:
+        with torch.no_grad():
+            pred = model(torch.tensor(sequences)).logits.argmax(-1)
+        hits = [pred[b, t].item() == sequences[b][t + 1] for b, ts in enumerate(targets) for t in ts]
+        return sum(hits) / len(hits)
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    emb = model.get_input_embeddings().weight
+    assert not torch.equal(emb[newline], emb[escape])
+    wired = accuracy(model)
+    tiny.wire_copying(model, 0, tiny.copy_tokens(tokenizer))  # the same circuit, the same codes, no pair
+    without = accuracy(model)
+    assert wired >= 0.8 and without <= wired - 0.3, (wired, without)
+
+
+def test_the_copy_probe_counts_the_copyable_tokens_of_a_call(tmp_path):
+    """`ppo.tiny.probe.copy_accuracy` scores exactly the call's tokens that the circuit could copy: in
+    ``{"numbers": [52, 7]}`` for a prompt that lists them, the digits 5, 2 and 7, of which 5 and 7 open a span (after
+    ``[`` and ``, ``). The wired base copies most of them; the plain random base almost none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ppo.tiny.corpus import mock_tools, tokenizer_texts
+    from ppo.tiny.probe import copy_accuracy
+
+    shape = {"hidden_size": 160, "head_dim": 32, "num_hidden_layers": 2, "intermediate_size": 64}
+    texts, tools = tokenizer_texts(), mock_tools()
+    one = {"id": "t", "category": "data", "prompt": "Use compute_statistics to find the mean of [52, 7].",
+           "oracle": [{"name": "compute_statistics", "arguments": {"numbers": [52, 7]}}]}  # fmt: skip
+    lists = [
+        {"id": f"l{i}", "category": "data", "prompt": f"Use compute_statistics to find the mean of {xs}.",
+         "oracle": [{"name": "compute_statistics", "arguments": {"numbers": xs}}]}
+        for i, xs in enumerate([[31, 8, 64, 25, 47], [90, 12, 3, 58], [7, 76, 41, 19, 83, 5]])
+    ]  # fmt: skip
+    rates = {}
+    for wired in (True, False):
+        folder = tiny.build_tiny(tmp_path / str(wired), texts, copy_circuit=wired, **shape)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        single = copy_accuracy(model, tokenizer, [one], tools)["data"]
+        assert single[0] == 3 and single[2] == 2, single
+        row = copy_accuracy(model, tokenizer, lists, tools)["data"]
+        assert row[0] == sum(len("".join(map(str, t["oracle"][0]["arguments"]["numbers"]))) for t in lists)
+        rates[wired] = row[1] / row[0]
+    assert rates[True] >= 0.6 and rates[False] <= 0.1, rates
