@@ -637,9 +637,8 @@ def test_the_copying_circuit_matches_a_newline_and_its_json_escape(tmp_path):
 
     generator = random.Random(0)
     sequences, targets = [], []
-    for _ in range(
-        8
-    ):  # a CSV in the prompt, then the same rows in a call: name , digit digit, rows cut apart
+    # A CSV in the prompt, then the same rows in a call: name , digit digit, rows cut apart.
+    for _ in range(8):
         rows = [
             [n, comma[0], generator.choice(digits), generator.choice(digits)]
             for n in generator.sample(name_ids, 6)
@@ -647,9 +646,7 @@ def test_the_copying_circuit_matches_a_newline_and_its_json_escape(tmp_path):
         prompt = [t for row in rows for t in [*row, newline]]
         call = [t for row in rows for t in [*row, escape]][:-1]
         sequences.append(prompt + call)
-        targets.append(
-            [len(prompt) + 5 * r - 1 for r in range(1, 6)]
-        )  # each escape; its next token is a name
+        targets.append([len(prompt) + 5 * r - 1 for r in range(1, 6)])  # each escape: a name follows
 
     def accuracy(model) -> float:
         with torch.no_grad():

@@ -22,23 +22,19 @@ def copy_accuracy(model, tokenizer, tasks: list[dict], tools: list[dict]) -> dic
 
     from env.parsing import call_text
     from models.tiny import copy_tokens
-    from models.tokenizer import render_chat
+    from ppo.rollout import ChatFormat
 
+    chat = ChatFormat(tokenizer)
     copyable = copy_tokens(tokenizer)
     counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0])
     for task in tasks:
         call = task["oracle"][0]
-        user = [{"role": "user", "content": task["prompt"]}]
-        prompt = render_chat(user, tools=tools, add_generation_prompt=True)
-        turn = [*user, {"role": "assistant", "content": call_text(call["name"], call["arguments"])}]
-        full = render_chat(turn, tools=tools)
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        ids = tokenizer.encode(full, add_special_tokens=False)
-        if ids[: len(prompt_ids)] != prompt_ids:
-            raise ValueError(f"task {task['id']}: the prompt's tokens are not a prefix of the turn's")
+        # Laid out as a rollout lays out the first turn (and the warm start a demonstration).
+        prompt_ids = chat.prompt_ids([{"role": "user", "content": task["prompt"]}], tools)
+        ids = [*prompt_ids, *chat.encode(call_text(call["name"], call["arguments"])), chat.end_of_turn_id]
         with torch.no_grad():
             predicted = model(torch.tensor([ids])).logits[0].argmax(-1).tolist()
-        in_prompt = set(tokenizer.encode(task["prompt"], add_special_tokens=False))
+        in_prompt = set(chat.encode(task["prompt"]))
         row = counts[task["category"]]
         for t in range(len(prompt_ids), len(ids)):
             if not (copyable[ids[t]] and ids[t] in in_prompt):
