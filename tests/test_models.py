@@ -601,7 +601,9 @@ def test_the_tiny_model_is_built_wired_to_copy_names_and_numbers(tmp_path):
                if tokenizer.decode([i]).strip())  # fmt: skip
     separator = tokenizer.encode(", ", add_special_tokens=False)
     assert len(separator) == 1 and not copied[separator[0]]
-    for folder, least in ((wired, 0.7), (plain, 0.0)):
+    # 0.65: the flag where a name begins (`name_starts`, read by the random layers) costs the untrained copy here
+    # (0.74 with the flag at 0, 0.69 with it); after training it gains (README, "Copying names and numbers").
+    for folder, least in ((wired, 0.65), (plain, 0.0)):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         repeat, first = _repeat_accuracy(model, copy_ids, 40)
         assert least <= repeat and (least > 0 or repeat < 0.05), (folder.name, repeat)
@@ -609,7 +611,7 @@ def test_the_tiny_model_is_built_wired_to_copy_names_and_numbers(tmp_path):
         assert _repeat_accuracy(model, other_ids, 40)[0] < 0.05  # punctuation and markup are not copied
         listed = _repeat_accuracy(model, copy_ids, 20, separator=separator[0])[0]
         assert least <= listed and (least > 0 or listed < 0.05), (folder.name, listed)
-    with pytest.raises(ValueError, match="the copying circuit needs hidden_size >= 3 \\* head_dim \\+ 50"):
+    with pytest.raises(ValueError, match="the copying circuit needs hidden_size >= 3 \\* head_dim \\+ 51"):
         tiny.build_tiny(tmp_path / "narrow", texts, vocab_size=300, hidden_size=128, copy_circuit=True)
 
 
@@ -661,6 +663,28 @@ def test_the_copying_circuit_matches_a_newline_and_its_json_escape(tmp_path):
     tiny.wire_copying(model, 0, tiny.copy_tokens(tokenizer))  # the same circuit, the same codes, no pair
     without = accuracy(model)
     assert wired >= 0.8 and without <= wired - 0.3, (wired, without)
+
+
+def test_the_wired_base_flags_where_a_name_begins(tmp_path):
+    """`name_starts`: the first piece of each capitalised word, and nothing else (not its later pieces, lowercase
+    words, digits or punctuation), has the embedding's dim d - 3 at ``start_flag``; every other id has it at 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = ["Ask the Penrith Museum about Silverton, 42 items; Amberly Teapots and rivers"] * 4
+    folder = tiny.build_tiny(tmp_path / "wired", texts, vocab_size=300, copy_circuit=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    starts = tiny.name_starts(tokenizer)
+    for word in ("Penrith", "Museum", "Silverton", "Amberly", "Teapots"):
+        pieces = [
+            i for i in tokenizer.encode(" " + word, add_special_tokens=False) if tokenizer.decode([i]).strip()
+        ]
+        assert starts[pieces[0]] and not any(starts[i] for i in pieces[1:]), (word, pieces)
+    for text in (" the about items and rivers", " 42", ",;"):
+        assert not any(starts[i] for i in tokenizer.encode(text, add_special_tokens=False)), text
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    flag = model.get_input_embeddings().weight[:, model.config.hidden_size - 3]
+    assert torch.equal(flag, tiny.COPY_CIRCUIT["start_flag"] * torch.tensor(starts, dtype=flag.dtype))
+    assert sum(starts) >= 5
 
 
 def test_the_copy_probe_counts_the_copyable_tokens_of_a_call(tmp_path):

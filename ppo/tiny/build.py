@@ -27,7 +27,7 @@ def fingerprint(copy_circuit: bool = False) -> str:
 
     recipe = (TINY_VERSION, TINY_CONFIG, TINY_SPLIT_PATTERN)
     if copy_circuit:
-        recipe += ("copy-circuit-5", COPY_CIRCUIT, COPY_CIRCUIT_CONFIG)
+        recipe += ("copy-circuit-6", COPY_CIRCUIT, COPY_CIRCUIT_CONFIG)
     digest = hashlib.sha256(repr(recipe).encode())
     digest.update(chat_template().encode())
     for path in train_task_files():
