@@ -317,7 +317,8 @@ PRESETS: dict[str, Config] = {
     # escape (models.tiny.escape_pairs), on an AMD CPU without bf16 units, val 0.600 and 0.609 against 0.564 and
     # 0.600 on two warm-start seeds, greedy val bad turns 0.140 and 0.092 against 0.282 and 0.163; with a flag where
     # a name begins (models.tiny.name_starts), on a Xeon with AMX, val 0.645 and 0.609 against 0.609 and 0.600 (the
-    # flag at 0: 0.600), on the AMD CPU 0.655 and 0.664 against 0.600 and 0.609 (README, "Copying names and numbers").
+    # flag at 0: 0.600 and 0.573), on the AMD CPU 0.655 and 0.664 against 0.600 and 0.609 (README, "Copying names
+    # and numbers").
     "tiny": Config(
         eval_every=5, iterations=5, temperature=0.7, tiny_copy_circuit=True, sft_invented_entities=True
     ),
