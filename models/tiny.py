@@ -181,14 +181,8 @@ def wire_copying(
             "the copying circuit needs 2+ layers, 2 query heads per key/value head, head_dim >= 24"
         )
     k = COPY_CIRCUIT
-    code, prev, out, start, flag, const = (
-        slice(0, hd),
-        slice(hd, 2 * hd),
-        slice(2 * hd, 3 * hd),
-        d - 3,
-        d - 2,
-        d - 1,
-    )
+    code, prev, out = slice(0, hd), slice(hd, 2 * hd), slice(2 * hd, 3 * hd)
+    start_dim, escape_dim, const = d - 3, d - 2, d - 1
     prev2, prev3 = slice(3 * hd, 3 * hd + width), slice(3 * hd + width, 3 * hd + 2 * width)
     generator = torch.Generator().manual_seed(seed)
     inv_freq = _rope_base(cfg) ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
@@ -204,10 +198,10 @@ def wire_copying(
         emb[:, prev] = 0.0
         emb[:, 3 * hd : d - 1] = 0.0  # where the codes of t - 2 and t - 3 go, and the flags
         if starts is not None:
-            emb[torch.tensor(starts), start] = k["start_flag"]
+            emb[torch.tensor(starts), start_dim] = k["start_flag"]
         for plain, escaped in escapes:
             emb[escaped, code] = emb[plain, code]
-            emb[escaped, flag] = k["escape_flag"]
+            emb[escaped, escape_dim] = k["escape_flag"]
         mask = torch.ones(vocab) if copyable is None else torch.tensor(copyable, dtype=torch.float32)
         emb[:, out] = torch.randn(vocab, hd, generator=generator) * mask[:, None]
         emb[:, const] = 1.0

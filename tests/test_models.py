@@ -660,7 +660,8 @@ def test_the_copying_circuit_matches_a_newline_and_its_json_escape(tmp_path):
     emb = model.get_input_embeddings().weight
     assert not torch.equal(emb[newline], emb[escape])
     wired = accuracy(model)
-    tiny.wire_copying(model, 0, tiny.copy_tokens(tokenizer))  # the same circuit, the same codes, no pair
+    # The same circuit, the same codes and name flags, no pair.
+    tiny.wire_copying(model, 0, tiny.copy_tokens(tokenizer), starts=tiny.name_starts(tokenizer))
     without = accuracy(model)
     assert wired >= 0.8 and without <= wired - 0.3, (wired, without)
 
